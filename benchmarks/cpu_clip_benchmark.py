@@ -1,0 +1,53 @@
+"""CPU figures of the foundation issue: CLIP loss forward+backward, backend torch vs the reference.
+
+    python benchmarks/cpu_clip_benchmark.py [--n 16384] [--d 512] [--repeats 3]
+
+Prints time as a multiple of one N x D x N matmul taken in the same run, peak extra memory, and
+the ratios to the reference; appends the records (JSON lines) to
+benchmarks/results/cpu_clip_<date>.jsonl.
+"""
+
+import argparse
+import json
+import pathlib
+
+from fused_losses.benchmarking import Case, environment, matmul_ms, measure
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--providers", nargs="+", default=["torch", "reference"])
+    args = parser.parse_args()
+    env = environment()
+    floor = matmul_ms(args.n, args.n, args.d, "float32", "cpu")
+    print(f"{env['device']}, torch {env['torch']}: one {args.n}x{args.d}x{args.n} fp32 matmul "
+          f"{floor:.0f} ms", flush=True)
+    records = {}
+    for provider in args.providers:
+        (record,) = measure(Case("clip", provider, args.n, args.n, args.d, "float32", "cpu"),
+                            modes=("forward_backward",), repeats=args.repeats)
+        record.update(matmul_ms=floor, **env)
+        records[provider] = record
+        print(f"{provider:<9} forward+backward median {record['median_ms']:8.0f} ms "
+              f"(p20 {record['p20_ms']:.0f}, p80 {record['p80_ms']:.0f}) = "
+              f"{record['median_ms'] / floor:.2f}x matmul; peak extra "
+              f"{record['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
+    if {"torch", "reference"} <= records.keys():
+        fast, slow = records["torch"], records["reference"]
+        print(f"torch backend: {slow['median_ms'] / fast['median_ms']:.2f}x faster than the reference, "
+              f"peak extra memory {fast['peak_mem_bytes'] / slow['peak_mem_bytes']:.1%} of the reference's")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"cpu_clip_{env['date']}.jsonl"
+    with open(out, "a") as sink:
+        for record in records.values():
+            sink.write(json.dumps(record) + "\n")
+    print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Backend registry: which implementations of the primitives exist, which can run, and the choice
+behind ``backend="auto"``.
+
+Every backend is a module exposing
+
+    unavailable_reason(device: torch.device) -> Optional[str]
+        None when the backend can run on tensors of ``device``; otherwise why not and how to fix it.
+    make_kernels(**options) -> SimilarityKernels          (see ``fused_losses.backends.base``)
+
+Backend modules are imported lazily, so importing fused_losses never imports triton, builds the
+CUDA extension or queries a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional
+
+import torch
+
+from fused_losses.backends.base import BackendUnavailable, SimilarityKernels
+
+BACKENDS = ("triton", "cuda", "torch")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+_MODULES = {
+    "triton": "fused_losses.backends.triton",
+    "cuda": "fused_losses.backends.cuda",
+    "torch": "fused_losses.backends.torch_tiled",
+}
+
+# Fastest first; "auto" takes the first one that can run on the tensors' device.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+def _module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """None if backend ``name`` can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        module = _module(name)
+    except ImportError as error:
+        return f"fused_losses.backends.{name} failed to import ({error})"
+    return module.unavailable_reason(torch.device(device))
+
+
+def backend_status(device: Optional[torch.device] = None) -> Dict[str, Optional[str]]:
+    """For every backend: None when it can run on ``device``, else the reason it cannot."""
+    return {name: unavailable_reason(name, device) for name in BACKENDS}
+
+
+def available_backends(device: Optional[torch.device] = None) -> List[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    return [name for name, reason in backend_status(device).items() if reason is None]
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """Resolve ``backend`` ("auto" or a name) for tensors on ``device``; raise if it cannot run."""
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if unavailable_reason(name, device) is None:
+                return name
+        raise BackendUnavailable(f"no backend can run on device {device}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend={backend!r} is not available on {device}: {reason}")
+    return backend
+
+
+def get_kernels(backend: str, device: torch.device, **options) -> SimilarityKernels:
+    """The kernels of ``backend`` ("auto" or a name) for tensors on ``device``."""
+    return _module(select_backend(backend, device)).make_kernels(**options)
+
+
+__all__ = [
+    "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable", "SimilarityKernels",
+    "available_backends", "backend_status", "get_kernels", "select_backend", "unavailable_reason",
+]

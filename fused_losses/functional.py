@@ -1,0 +1,247 @@
+"""The contrastive losses, each one similarity primitive plus O((N + M) D) PyTorch terms.
+
+Every loss is computed without an N x M matrix: the log-sum-exp (or softplus) statistics come from
+``fused_losses.primitives`` on the chosen backend; the positive terms are row dots of normalized
+embeddings in the statistics dtype (float32 even for fp16 / bf16 inputs, float64 for float64), and
+autograd differentiates them. Losses are returned in that statistics dtype.
+
+Common keyword arguments: ``normalize`` (L2-normalize the embeddings first, gradient taken through
+the normalization), ``reduction`` ("mean" | "sum" | "none"), ``backend`` ("auto" | "triton" |
+"cuda" | "torch"). Temperatures, scales and biases are floats or 0-d tensors; a tensor that
+requires grad gets one.
+"""
+
+from __future__ import annotations
+
+import numbers
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fused_losses import _validation as check
+from fused_losses.primitives import (
+    DEFAULT_EPS, as_scalar_tensor, lse_statistics, softplus_statistics, statistics_dtype,
+)
+
+
+def _check_options(normalize: bool, reduction: str, backend: str) -> None:
+    check.check_flag("normalize", normalize)
+    check.check_reduction(reduction)
+    check.check_backend(backend)
+
+
+def _reduce(per_item: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_item.mean()
+    if reduction == "sum":
+        return per_item.sum()
+    return per_item
+
+
+def _embed(x: Tensor, normalize: bool) -> Tensor:
+    """x in its statistics dtype, L2-normalized like the primitives when ``normalize``."""
+    x = x.to(statistics_dtype(x.dtype))
+    return F.normalize(x, dim=1, eps=DEFAULT_EPS) if normalize else x
+
+
+def _inverse_temperature(name: str, temperature, like: Tensor) -> Tensor:
+    check.check_positive_scalar(name, temperature, like.device)
+    return as_scalar_tensor(temperature, statistics_dtype(like.dtype), like.device).reciprocal()
+
+
+def _scale(name: str, value, like: Tensor) -> Tensor:
+    check.check_positive_scalar(name, value, like.device)
+    return as_scalar_tensor(value, statistics_dtype(like.dtype), like.device)
+
+
+def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, v: Tensor, scale: Tensor,
+                            label_smoothing: float) -> Tensor:
+    """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - (e / M) sum_j S_ij."""
+    loss = lse - positive if label_smoothing == 0 else lse - (1 - label_smoothing) * positive
+    if label_smoothing > 0:
+        loss = loss - (label_smoothing / v.shape[0]) * scale * (u @ v.sum(dim=0))
+    return loss
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
+              label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Symmetric InfoNCE of CLIP: 1/2 (cross-entropy over rows + over columns) of
+    logit_scale * u @ v.T with pairs on the diagonal.
+
+    image_features, text_features: (N, D). logit_scale: already exponentiated (> 0). On normalized
+    inputs with normalize=False this equals open_clip's ClipLoss. reduction="none" gives (N,):
+    1/2 (row loss_i + column loss_i).
+    """
+    check.check_compatible("image_features", image_features, "text_features", text_features,
+                           same_rows=True)
+    _check_options(normalize, reduction, backend)
+    check.check_label_smoothing(label_smoothing)
+    scale = _scale("logit_scale", logit_scale, image_features)
+    lse_row, lse_col = lse_statistics(image_features, text_features, scale, rows=True, cols=True,
+                                      normalize=normalize, backend=backend)
+    u, v = _embed(image_features, normalize), _embed(text_features, normalize)
+    positive = scale * (u * v).sum(dim=1)
+    row_loss = _smoothed_cross_entropy(lse_row, positive, u, v, scale, label_smoothing)
+    col_loss = _smoothed_cross_entropy(lse_col, positive, v, u, scale, label_smoothing)
+    return _reduce(0.5 * (row_loss + col_loss), reduction)
+
+
+def info_nce(query: Tensor, keys: Tensor, temperature=0.07, *, targets: Optional[Tensor] = None,
+             label_smoothing: float = 0.0, normalize: bool = True, reduction: str = "mean",
+             backend: str = "auto") -> Tensor:
+    """One-way InfoNCE: F.cross_entropy(u @ v.T / temperature, targets, label_smoothing, reduction).
+
+    query: (N, D); keys: (M, D), M may exceed N (extra negatives, a queue). targets: (N,) integer
+    indices into keys, default arange(N) (then M >= N is required).
+    """
+    check.check_compatible("query", query, "keys", keys, same_rows=False)
+    _check_options(normalize, reduction, backend)
+    check.check_label_smoothing(label_smoothing)
+    n, m = query.shape[0], keys.shape[0]
+    if targets is None:
+        if m < n:
+            raise ValueError(f"keys must have at least as many rows as query when targets is None "
+                             f"(the positive of query i is keys[i]), got {m} keys for {n} queries")
+    else:
+        check.check_class_indices("targets", targets, n, query.device, num_classes=m)
+    scale = _inverse_temperature("temperature", temperature, query)
+    lse_row, _ = lse_statistics(query, keys, scale, rows=True, cols=False, normalize=normalize,
+                                backend=backend)
+    u, v = _embed(query, normalize), _embed(keys, normalize)
+    positive_keys = v[:n] if targets is None else v[targets]
+    positive = scale * (u * positive_keys).sum(dim=1)
+    return _reduce(_smoothed_cross_entropy(lse_row, positive, u, v, scale, label_smoothing), reduction)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
+            reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """SimCLR's NT-Xent over the 2N views Z = cat([z1, z2]): each view's positive is its partner,
+    its negatives all other 2N - 2 views (self excluded).
+
+    z1, z2: (N, D). reduction="none" gives (2N,) in the order of Z.
+    """
+    check.check_compatible("z1", z1, "z2", z2, same_rows=True)
+    _check_options(normalize, reduction, backend)
+    scale = _inverse_temperature("temperature", temperature, z1)
+    views = torch.cat([z1, z2])
+    lse_row, _ = lse_statistics(views, views, scale, rows=True, cols=False, normalize=normalize,
+                                diag_offset=0, backend=backend)
+    u = _embed(views, normalize)
+    partners = torch.cat([u[z1.shape[0]:], u[: z1.shape[0]]])
+    positive = scale * (u * partners).sum(dim=1)
+    return _reduce(lse_row - positive, reduction)
+
+
+def _class_sums(u: Tensor, labels: Tensor):
+    """Per-row sum of the u of its class and the class size, with static shapes (no host sync)."""
+    sorted_labels, order = labels.sort()
+    starts_new_class = torch.ones_like(sorted_labels, dtype=torch.long)
+    starts_new_class[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
+    class_of_sorted = starts_new_class.cumsum(0) - 1
+    class_index = torch.empty_like(class_of_sorted).scatter_(0, order, class_of_sorted)
+    sums = torch.zeros_like(u).index_add_(0, class_index, u)
+    sizes = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device).index_add_(
+        0, class_index, torch.ones_like(u[:, 0]))
+    return sums[class_index], sizes[class_index]
+
+
+def supcon_loss(features: Tensor, labels: Tensor, temperature=0.1, *, normalize: bool = True,
+                reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020; pytorch-metric-learning's SupConLoss):
+
+        loss_i = lse_{a != i} S_ia - mean_{p != i, y_p = y_i} S_ip
+
+    features: (N, D); labels: (N,) integers. Anchors without a positive do not count: "none" gives
+    0 for them, "mean" averages over the others (0 when there are none).
+    """
+    check.check_embeddings("features", features)
+    _check_options(normalize, reduction, backend)
+    check.check_class_indices("labels", labels, features.shape[0], features.device)
+    scale = _inverse_temperature("temperature", temperature, features)
+    lse_row, _ = lse_statistics(features, features, scale, rows=True, cols=False,
+                                normalize=normalize, diag_offset=0, backend=backend)
+    u = _embed(features, normalize)
+    class_sum, class_size = _class_sums(u, labels)
+    positives = class_size - 1
+    has_positive = positives > 0
+    positive_mean = scale * (u * (class_sum - u)).sum(dim=1) / positives.clamp(min=1)
+    per_anchor = torch.where(has_positive, lse_row - positive_mean, torch.zeros_like(lse_row))
+    if reduction == "mean":
+        return per_anchor.sum() / has_positive.sum().clamp(min=1)
+    return _reduce(per_anchor, reduction)
+
+
+def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature=1.0, normalize: bool = True,
+                l2_reg: float = 0.0, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Multi-class N-pair loss (Sohn, NIPS 2016): per anchor, cross-entropy of its similarities to
+    all positives with its own as target, plus l2_reg * (|a_i|^2 + |p_i|^2) on the raw embeddings.
+
+    anchors, positives: (N, D). With the defaults this equals pytorch-metric-learning's NPairsLoss
+    on cat([anchors, positives]) with labels arange(N) repeated; normalize=False with l2_reg > 0 is
+    Sohn's inner-product form.
+    """
+    if isinstance(l2_reg, bool) or not isinstance(l2_reg, numbers.Real) or not (
+            math.isfinite(l2_reg) and l2_reg >= 0):
+        raise ValueError(f"l2_reg must be a finite float >= 0, got {l2_reg!r}")
+    check.check_compatible("anchors", anchors, "positives", positives, same_rows=True)
+    per_anchor = info_nce(anchors, positives, temperature, normalize=normalize, reduction="none",
+                          backend=backend)
+    if l2_reg > 0:
+        squared_norms = (_embed(anchors, False).square().sum(dim=1)
+                         + _embed(positives, False).square().sum(dim=1))
+        per_anchor = per_anchor + l2_reg * squared_norms
+    return _reduce(per_anchor, reduction)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+                normalize: bool = True, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """SigLIP's pairwise sigmoid loss: sum_ij -logsigmoid(l_ij (scale u_i . v_j + bias)) with
+    l_ii = 1 and l_ij = -1 otherwise, divided by N for "mean" (open_clip's SigLipLoss).
+
+    image_features, text_features: (N, D). reduction="none" gives the (N,) row sums.
+    """
+    check.check_compatible("image_features", image_features, "text_features", text_features,
+                           same_rows=True)
+    _check_options(normalize, reduction, backend)
+    scale = _scale("logit_scale", logit_scale, image_features)
+    check.check_finite_scalar("logit_bias", logit_bias, image_features.device)
+    bias = as_scalar_tensor(logit_bias, scale.dtype, image_features.device)
+    softplus_row = softplus_statistics(image_features, text_features, scale, bias,
+                                       normalize=normalize, backend=backend)
+    u, v = _embed(image_features, normalize), _embed(text_features, normalize)
+    # -logsigmoid(z) = softplus(-z) = softplus(z) - z: the positive pair's softplus is in the sum.
+    per_row = softplus_row - (scale * (u * v).sum(dim=1) + bias)
+    return _reduce(per_row, reduction)
+
+
+def cosine_embedding_loss(x1: Tensor, x2: Tensor, target: Tensor, margin: float = 0.0,
+                          reduction: str = "mean") -> Tensor:
+    """torch.nn.functional.cosine_embedding_loss in one pass over the rows (no N x N):
+    1 - cos(x1_i, x2_i) where target_i = 1, max(0, cos - margin) where target_i = -1.
+
+    x1, x2: (N, D) or (D,); target: (N,) (or 0-d) of +1 / -1.
+    """
+    single = isinstance(x1, Tensor) and x1.dim() == 1
+    if single:
+        x1, x2 = x1[None], x2[None] if isinstance(x2, Tensor) else x2
+        target = target.reshape(1) if isinstance(target, Tensor) else target
+    check.check_compatible("x1", x1, "x2", x2, same_rows=True)
+    check.check_reduction(reduction)
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not -1 <= margin <= 1:
+        raise ValueError(f"margin must be a float in [-1, 1], got {margin!r}")
+    if not isinstance(target, Tensor) or tuple(target.shape) != (x1.shape[0],):
+        raise ValueError(f"target must be a tensor of shape ({x1.shape[0]},) holding 1 or -1, got "
+                         f"{tuple(target.shape) if isinstance(target, Tensor) else target!r}")
+    if target.device != x1.device:
+        raise ValueError(f"target must be on {x1.device} like x1, got {target.device}")
+    if not torch.compiler.is_compiling() and not bool(((target == 1) | (target == -1)).all()):
+        raise ValueError(f"target must hold only 1 or -1, got values {target.unique().tolist()}")
+    a, b = _embed(x1, False), _embed(x2, False)
+    cosine = (a * b).sum(dim=1) / ((a.square().sum(dim=1) + 1e-12) * (b.square().sum(dim=1) + 1e-12)).sqrt()
+    per_pair = torch.where(target == 1, 1 - cosine, (cosine - margin).clamp(min=0))
+    if single and reduction == "none":
+        return per_pair[0]
+    return _reduce(per_pair, reduction)

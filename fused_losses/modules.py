@@ -1,0 +1,169 @@
+"""nn.Module front-ends of ``fused_losses.functional``: options in the constructor, tensors in
+forward. ClipLoss and SigLipLoss can own the learnable logit scale (and bias) the way CLIP and
+SigLIP train them, so a model needs no extra code for it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fused_losses import functional
+
+
+class _LearnableLogitScale(nn.Module):
+    """A logit scale learned in log space, as in CLIP: scale = exp(min(log_scale, log(max_scale))).
+
+    The clamp caps the scale (CLIP: 100) and stops its gradient while capped, which is what
+    CLIP's in-place clamp after each optimizer step amounts to.
+    """
+
+    def __init__(self, init_scale: float, max_scale: float):
+        super().__init__()
+        if not (math.isfinite(init_scale) and 0 < init_scale <= max_scale):
+            raise ValueError(f"init logit scale must be in (0, max_logit_scale={max_scale}], got {init_scale!r}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.max_log_scale = math.log(max_scale)
+
+    def forward(self) -> Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+
+def _scale_from(module: nn.Module, logit_scale: Optional[Tensor]):
+    """The module's own learnable scale, or the one passed to forward (exactly one of the two)."""
+    owned = module.learnable_logit_scale
+    if owned is not None and logit_scale is not None:
+        raise ValueError("logit_scale was passed to forward, but this loss learns its own "
+                         "(learn_logit_scale=True); pass one or the other")
+    if owned is None and logit_scale is None:
+        raise ValueError("forward needs logit_scale (or build the loss with learn_logit_scale=True)")
+    return owned() if owned is not None else logit_scale
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric InfoNCE (``functional.clip_loss``).
+
+    ClipLoss(learn_logit_scale=True) owns a logit scale initialised to 1/0.07 and capped at 100 as
+    in CLIP; then forward(image_features, text_features). Otherwise forward takes the (already
+    exponentiated) logit_scale as its third argument, like open_clip's ClipLoss.
+    """
+
+    def __init__(self, *, learn_logit_scale: bool = False, init_logit_scale: float = 1 / 0.07,
+                 max_logit_scale: float = 100.0, normalize: bool = True,
+                 label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.learnable_logit_scale = (
+            _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
+        self.normalize, self.label_smoothing = normalize, label_smoothing
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor,
+                logit_scale: Optional[Tensor] = None) -> Tensor:
+        return functional.clip_loss(
+            image_features, text_features, _scale_from(self, logit_scale), normalize=self.normalize,
+            label_smoothing=self.label_smoothing, reduction=self.reduction, backend=self.backend)
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (``functional.siglip_loss``).
+
+    SigLipLoss(learn_logit_scale=True) owns log-space scale and bias initialised as in SigLIP
+    (scale 10, bias -10; scale capped at max_logit_scale); then forward(image_features,
+    text_features). Otherwise forward takes logit_scale and logit_bias like open_clip's SigLipLoss.
+    """
+
+    def __init__(self, *, learn_logit_scale: bool = False, init_logit_scale: float = 10.0,
+                 init_logit_bias: float = -10.0, max_logit_scale: float = 100.0,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.learnable_logit_scale = (
+            _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if learn_logit_scale else None
+        self.normalize, self.reduction, self.backend = normalize, reduction, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor,
+                logit_scale: Optional[Tensor] = None, logit_bias: Optional[Tensor] = None) -> Tensor:
+        scale = _scale_from(self, logit_scale)
+        if self.logit_bias is not None and logit_bias is not None:
+            raise ValueError("logit_bias was passed to forward, but this loss learns its own")
+        bias = self.logit_bias if self.logit_bias is not None else logit_bias
+        if bias is None:
+            raise ValueError("forward needs logit_bias (or build the loss with learn_logit_scale=True)")
+        return functional.siglip_loss(image_features, text_features, scale, bias,
+                                      normalize=self.normalize, reduction=self.reduction,
+                                      backend=self.backend)
+
+
+class InfoNCELoss(nn.Module):
+    """One-way InfoNCE (``functional.info_nce``); forward(query, keys, targets=None).
+
+    temperature: a float, or a 0-d tensor / nn.Parameter to learn it.
+    """
+
+    def __init__(self, temperature=0.07, *, label_smoothing: float = 0.0, normalize: bool = True,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.label_smoothing = temperature, label_smoothing
+        self.normalize, self.reduction, self.backend = normalize, reduction, backend
+
+    def forward(self, query: Tensor, keys: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        return functional.info_nce(query, keys, self.temperature, targets=targets,
+                                   label_smoothing=self.label_smoothing, normalize=self.normalize,
+                                   reduction=self.reduction, backend=self.backend)
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent (``functional.nt_xent``); forward(z1, z2) with the two views' embeddings."""
+
+    def __init__(self, temperature=0.5, *, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return functional.nt_xent(z1, z2, self.temperature, normalize=self.normalize,
+                                  reduction=self.reduction, backend=self.backend)
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (``functional.supcon_loss``); forward(features, labels)."""
+
+    def __init__(self, temperature=0.1, *, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return functional.supcon_loss(features, labels, self.temperature, normalize=self.normalize,
+                                      reduction=self.reduction, backend=self.backend)
+
+
+class NPairsLoss(nn.Module):
+    """Multi-class N-pair loss (``functional.npairs_loss``); forward(anchors, positives)."""
+
+    def __init__(self, *, temperature=1.0, normalize: bool = True, l2_reg: float = 0.0,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.normalize, self.l2_reg = temperature, normalize, l2_reg
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, anchors: Tensor, positives: Tensor) -> Tensor:
+        return functional.npairs_loss(anchors, positives, temperature=self.temperature,
+                                      normalize=self.normalize, l2_reg=self.l2_reg,
+                                      reduction=self.reduction, backend=self.backend)
+
+
+class CosineEmbeddingLoss(nn.Module):
+    """``functional.cosine_embedding_loss`` as a module; forward(x1, x2, target)."""
+
+    def __init__(self, margin: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        self.margin, self.reduction = margin, reduction
+
+    def forward(self, x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:
+        return functional.cosine_embedding_loss(x1, x2, target, self.margin, self.reduction)
