@@ -1,0 +1,69 @@
+// Framework-free entry points of the fused similarity kernels: raw device pointers, sizes,
+// strides and a stream in, cudaError_t out. See fused_losses/backends/base.py for the math.
+//
+// Every launcher is asynchronous on config.stream, reads scale and bias on the device (no host
+// sync), uses no float atomics (results are bitwise reproducible for a given GPU, problem and
+// config), and needs the workspace its *_workspace_bytes function reports, which never holds
+// more than a bounded slice of S (see launch_plan.h). n, m > 0; d >= 0.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fused_losses {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+// S_ij = scale * (inv_norm_q[i] q_i) . (inv_norm_k[j] k_j), with S[i, i + diag_offset] masked
+// when has_mask. q is n x d and k is m x d, both with inner stride 1 and the given row strides
+// (in elements); inv_norm_q, inv_norm_k and scale are fp32.
+struct SimilarityProblem {
+  DType dtype;
+  const void* q;
+  int64_t q_row_stride;
+  const void* k;
+  int64_t k_row_stride;
+  int64_t n;
+  int64_t m;
+  int64_t d;
+  const float* inv_norm_q;
+  const float* inv_norm_k;
+  const float* scale;  // 0-d
+  bool has_mask;
+  int64_t diag_offset;
+};
+
+struct LaunchConfig {
+  cudaStream_t stream;
+  int num_sms;                 // of the device; sizes the grids
+  bool fp32_single_pass_tf32;  // fp32 inputs: one TF32 product instead of three (split TF32)
+  size_t workspace_limit;      // soft cap on the workspace (see launch_plan.h)
+};
+
+// lse_row (n) and / or lse_col (m): either may be null, not both.
+size_t lse_forward_workspace_bytes(const SimilarityProblem& problem, bool want_rows, bool want_cols,
+                                   const LaunchConfig& config);
+cudaError_t lse_forward(const SimilarityProblem& problem, float* lse_row, float* lse_col,
+                        void* workspace, const LaunchConfig& config);
+
+// sp_row (n), sp_row_i = sum_j softplus(S_ij + bias); bias is 0-d fp32 on the device.
+size_t softplus_forward_workspace_bytes(const SimilarityProblem& problem, const LaunchConfig& config);
+cudaError_t softplus_forward(const SimilarityProblem& problem, const float* bias, float* sp_row,
+                             void* workspace, const LaunchConfig& config);
+
+// u (n x d) and v (m x d), contiguous fp32. grad_row / grad_col may be null (that direction is
+// absent, and its lse is not read), not both.
+size_t lse_backward_workspace_bytes(const SimilarityProblem& problem, const LaunchConfig& config);
+cudaError_t lse_backward(const SimilarityProblem& problem, const float* lse_row, const float* lse_col,
+                         const float* grad_row, const float* grad_col, float* u, float* v,
+                         void* workspace, const LaunchConfig& config);
+
+// u, v as above; grad_bias is 0-d fp32.
+size_t softplus_backward_workspace_bytes(const SimilarityProblem& problem, const LaunchConfig& config);
+cudaError_t softplus_backward(const SimilarityProblem& problem, const float* bias,
+                              const float* grad_row, float* u, float* v, float* grad_bias,
+                              void* workspace, const LaunchConfig& config);
+
+}  // namespace fused_losses

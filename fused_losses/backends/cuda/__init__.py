@@ -1,0 +1,46 @@
+"""The ``cuda`` backend: hand-written CUDA C++ kernels from ``csrc/``, bound with pybind11.
+
+Registry interface (see ``fused_losses.backends``):
+
+    unavailable_reason(device) -> None, or why the backend cannot run on ``device`` and how to fix it
+    make_kernels(fp32_precision="split_tf32", workspace_limit_bytes=256 MiB) -> CudaKernels
+
+The extension is compiled ahead of time by setup.py (``FUSED_LOSSES_BUILD_CUDA=1``) or
+``python -m fused_losses.backends.cuda.build``, or else just in time on first use from a source
+checkout (see ``_extension``). Importing this package builds nothing and queries no GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only (got device {device.type!r})"
+    if torch.version.cuda is None:
+        return "this build of torch has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return (f"the cuda backend needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+                f"(this GPU has {capability[0]}.{capability[1]})")
+    from fused_losses.backends.cuda import _extension
+
+    return _extension.unavailable_reason(capability)
+
+
+def make_kernels(**options):
+    """The backend's SimilarityKernels; options as for CudaKernels (unknown ones: TypeError)."""
+    from fused_losses.backends.cuda.kernels import CudaKernels
+
+    return CudaKernels(**options)
+
+
+__all__ = ["make_kernels", "unavailable_reason"]

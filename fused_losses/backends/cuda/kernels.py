@@ -1,0 +1,172 @@
+"""SimilarityKernels on the compiled CUDA kernels: validation, output allocation, launch.
+
+Inputs may have any row stride; a tensor whose inner (feature) stride is not 1 is copied to a
+contiguous one first. Outputs and the workspace come from torch's caching allocator on the current
+stream. Workspaces: the forward keeps partial row (and column) statistics, at most about
+``workspace_limit_bytes``; the backward materializes scale * dL/dS for a chunk of rows at a time,
+chunk_rows x M fp32 with chunk_rows the largest multiple of 64 under ``workspace_limit_bytes``
+(at least 64 rows, so at least 256 * M bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_losses.backends.cuda import _extension
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_FP32_PRECISIONS = ("split_tf32", "tf32")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _empty(shape, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Every output and workspace buffer comes from here (tests poison them through it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _address(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+class CudaKernels:
+    """The two similarity primitives on the CUDA extension.
+
+    fp32_precision: how fp32 inputs are multiplied on the tensor cores: "split_tf32" (default; each
+    operand split into two TF32 parts, three products, close to fp32 accuracy) or "tf32" (one
+    product, about 1e-3 relative error, up to 3x faster). fp16 / bf16 inputs use their own MMA.
+    workspace_limit_bytes: soft cap on each call's workspace (see the module docstring).
+    """
+
+    name = "cuda"
+
+    def __init__(self, fp32_precision: str = "split_tf32", workspace_limit_bytes: int = 256 << 20):
+        if fp32_precision not in _FP32_PRECISIONS:
+            raise ValueError(f"fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
+        if workspace_limit_bytes <= 0:
+            raise ValueError(f"workspace_limit_bytes must be positive, got {workspace_limit_bytes}")
+        self.fp32_precision = fp32_precision
+        self.workspace_limit_bytes = int(workspace_limit_bytes)
+
+    # -- the primitives (see fused_losses.backends.base) ----------------------------------------
+
+    def lse_forward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, want_rows, want_cols):
+        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        if not (want_rows or want_cols):
+            return None, None
+        lse_row = _empty(q.shape[0], q.device) if want_rows else None
+        lse_col = _empty(k.shape[0], q.device) if want_cols else None
+        if call.empty:  # a sum over no entries
+            return tuple(None if x is None else x.fill_(float("-inf")) for x in (lse_row, lse_col))
+        bytes_needed = call.ext.lse_forward_workspace_bytes(call.problem, want_rows, want_cols, call.launch)
+        call.run(call.ext.lse_forward, bytes_needed, lse_row=_address(lse_row), lse_col=_address(lse_col))
+        return lse_row, lse_col
+
+    def lse_backward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col):
+        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        u, v = _empty(q.shape, q.device), _empty(k.shape, q.device)
+        if call.empty or (grad_row is None and grad_col is None):
+            return u.zero_(), v.zero_()
+        if (grad_row is not None and lse_row is None) or (grad_col is not None and lse_col is None):
+            raise ValueError("lse_backward: a gradient is given for a direction without its lse")
+        lse_row, lse_col, grad_row, grad_col = (_stat_vector(x, q.device) for x in (lse_row, lse_col, grad_row, grad_col))
+        bytes_needed = call.ext.lse_backward_workspace_bytes(call.problem, call.launch)
+        call.run(call.ext.lse_backward, bytes_needed, lse_row=_address(lse_row), lse_col=_address(lse_col),
+                 grad_row=_address(grad_row), grad_col=_address(grad_col), u=u.data_ptr(), v=v.data_ptr())
+        return u, v
+
+    def softplus_forward(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset):
+        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        sp_row = _empty(q.shape[0], q.device)
+        if call.empty:
+            return sp_row.zero_()
+        bias = _stat_scalar(bias, q.device)
+        bytes_needed = call.ext.softplus_forward_workspace_bytes(call.problem, call.launch)
+        call.run(call.ext.softplus_forward, bytes_needed, bias=bias.data_ptr(), sp_row=sp_row.data_ptr())
+        return sp_row
+
+    def softplus_backward(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row):
+        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        u, v, grad_bias = _empty(q.shape, q.device), _empty(k.shape, q.device), _empty((), q.device)
+        if call.empty:
+            return u.zero_(), v.zero_(), grad_bias.zero_()
+        bias = _stat_scalar(bias, q.device)
+        grad_row = _stat_vector(grad_row, q.device)
+        bytes_needed = call.ext.softplus_backward_workspace_bytes(call.problem, call.launch)
+        call.run(call.ext.softplus_backward, bytes_needed, bias=bias.data_ptr(), grad_row=grad_row.data_ptr(),
+                 u=u.data_ptr(), v=v.data_ptr(), grad_bias=grad_bias.data_ptr())
+        return u, v, grad_bias
+
+
+def _check_operands(q: Tensor, k: Tensor) -> None:
+    if q.dtype == torch.float64 or k.dtype == torch.float64:
+        raise TypeError("the cuda backend does not support float64 inputs; use backend='torch' for float64")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise TypeError(f"the cuda backend needs q and k of one dtype among float16, bfloat16, float32 "
+                        f"(got {q.dtype} and {k.dtype})")
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must be (N, D) and (M, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.device.type != "cuda" or k.device != q.device:
+        raise ValueError(f"the cuda backend needs q and k on one CUDA device (got {q.device} and {k.device})")
+
+
+def _inner_contiguous(x: Tensor) -> Tensor:
+    """x itself when its feature dimension has stride 1 (any row stride is fine), else a copy."""
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _stat_vector(x: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _stat_scalar(x: Tensor, device: torch.device) -> Tensor:
+    x = torch.as_tensor(x, device=device)
+    if x.numel() != 1:
+        raise ValueError(f"scale and bias must be 0-d tensors, got shape {tuple(x.shape)}")
+    return x.to(dtype=torch.float32).reshape(())
+
+
+class _Call:
+    """One primitive call: validated operands, the extension's problem and launch descriptions,
+    and the tensors they point into (kept alive for the launch)."""
+
+    def __init__(self, kernels: CudaKernels, q, k, inv_norm_q, inv_norm_k, scale, diag_offset):
+        _check_operands(q, k)
+        self.device = q.device
+        (n, d), m = q.shape, k.shape[0]
+        self.empty = n == 0 or m == 0
+        if self.empty:
+            return
+        self.ext = _extension.load(torch.cuda.get_device_capability(self.device))
+        self.q, self.k = _inner_contiguous(q), _inner_contiguous(k)
+        self.inv_norm_q = _stat_vector(inv_norm_q, self.device)
+        self.inv_norm_k = _stat_vector(inv_norm_k, self.device)
+        self.scale = _stat_scalar(scale, self.device)
+        if self.inv_norm_q.shape != (n,) or self.inv_norm_k.shape != (m,):
+            raise ValueError("inv_norm_q and inv_norm_k must have shapes (N,) and (M,)")
+        self.problem = self.ext.SimilarityProblem(
+            dtype=getattr(self.ext.DType, _DTYPES[q.dtype]),
+            q=self.q.data_ptr(), q_row_stride=self.q.stride(0), k=self.k.data_ptr(), k_row_stride=self.k.stride(0),
+            n=n, m=m, d=d, inv_norm_q=self.inv_norm_q.data_ptr(), inv_norm_k=self.inv_norm_k.data_ptr(),
+            scale=self.scale.data_ptr(), has_mask=diag_offset is not None, diag_offset=int(diag_offset or 0),
+        )
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.launch = self.ext.Launch(
+            device=index, stream=torch.cuda.current_stream(self.device).cuda_stream, num_sms=_num_sms(index),
+            fp32_single_pass_tf32=kernels.fp32_precision == "tf32", workspace_limit=kernels.workspace_limit_bytes,
+        )
+
+    def run(self, entry_point, workspace_bytes: int, **outputs) -> None:
+        workspace = _empty(max(workspace_bytes, 1), self.device, torch.uint8)
+        entry_point(problem=self.problem, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                    launch=self.launch, **outputs)
+
+
+__all__ = ["CudaKernels"]

@@ -1,0 +1,40 @@
+"""Backend ``triton``: fused triton kernels for the similarity primitives.
+
+Importing this package imports neither triton nor the kernels; ``make_kernels`` does. Modules:
+``kernels`` (the SimilarityKernels class), ``operands`` (checked inputs), ``launch`` (tile
+configurations, grid splits, scratch bounds, autotuning), ``tiles`` (device helpers shared by all
+kernels), ``lse`` and ``softplus`` (forward kernels and the primitives' W), ``gradient`` (backward
+dispatch) with ``fused_gradient`` (W on chip) and ``chunked_gradient`` (W in bounded row chunks),
+``compile_check`` (sm_90 compile and register report, a development tool).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+INTERPRETER_ENV = "TRITON_INTERPRET"
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the kernels can run on tensors of ``device``; otherwise why not and what to do."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available to torch"
+    if device.type == "cpu":
+        if os.environ.get(INTERPRETER_ENV, "").lower() in ("1", "true", "on"):
+            return None
+        return (f"triton runs on CPU tensors only in its interpreter: set {INTERPRETER_ENV}=1 "
+                "before triton is imported (slow; meant for tests)")
+    return f"triton kernels run on CUDA devices, not {device.type}"
+
+
+def make_kernels(deterministic: bool = True):
+    """The triton SimilarityKernels; ``deterministic=False`` allows fp32 atomics in the backward."""
+    from fused_losses.backends.triton.kernels import TritonKernels
+
+    return TritonKernels(deterministic=deterministic)

@@ -1,0 +1,54 @@
+"""The triton backend's SimilarityKernels (contract: fused_losses.backends.base)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from fused_losses.backends.triton.lse import lse_backward, lse_forward
+from fused_losses.backends.triton.operands import Similarity, as_stat
+from fused_losses.backends.triton.softplus import softplus_backward, softplus_forward
+
+
+class TritonKernels:
+    """Fused triton kernels for fp16 / bf16 / fp32 inputs (fp32 statistics and accumulation).
+
+    ``deterministic=True`` (default): bitwise reproducible results; partial sums over splits are
+    merged by torch in a fixed order. ``deterministic=False`` lets gradient splits add into the
+    output with fp32 atomics (no partial-sum buffers, run-to-run differences in the last bits).
+    """
+
+    name = "triton"
+
+    def __init__(self, deterministic: bool = True):
+        self.deterministic = deterministic
+
+    def lse_forward(
+        self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+        diag_offset: Optional[int], want_rows: bool, want_cols: bool,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        return lse_forward(sim, want_rows, want_cols)
+
+    def lse_backward(
+        self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+        diag_offset: Optional[int], lse_row: Optional[Tensor], lse_col: Optional[Tensor],
+        grad_row: Optional[Tensor], grad_col: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor]:
+        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self.deterministic)
+
+    def softplus_forward(
+        self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+        bias: Tensor, diag_offset: Optional[int],
+    ) -> Tensor:
+        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        return softplus_forward(sim, as_stat(bias))
+
+    def softplus_backward(
+        self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+        bias: Tensor, diag_offset: Optional[int], grad_row: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        return softplus_backward(sim, as_stat(bias), grad_row, self.deterministic)

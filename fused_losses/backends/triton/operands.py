@@ -1,0 +1,110 @@
+"""The operands of one call, checked once, and their kernel arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fused_losses.backends.triton import launch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """S = scale * (r q) (c k)^T with q (N, D), k (M, D) of one dtype, any strides; inv_norm_q
+    (N,), inv_norm_k (M,) and scale (0-d) fp32; entries (i, i + diag_offset) masked."""
+
+    q: Tensor
+    k: Tensor
+    inv_norm_q: Tensor
+    inv_norm_k: Tensor
+    scale: Tensor
+    diag_offset: Optional[int]
+
+    @classmethod
+    def checked(cls, q, k, inv_norm_q, inv_norm_k, scale, diag_offset) -> "Similarity":
+        """The operands of a kernel call, validated; statistics converted with ``as_stat``."""
+        if q.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
+                "use backend='torch' for float64"
+            )
+        if k.dtype != q.dtype:
+            raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
+        if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+            raise ValueError(f"expected q (N, D) and k (M, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+        if k.device != q.device:
+            raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+        return cls(q, k, as_stat(inv_norm_q), as_stat(inv_norm_k), as_stat(scale), diag_offset)
+
+    @property
+    def n(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def transposed(self) -> "Similarity":
+        """The problem for S^T: k's rows become the rows; the mask moves to (j, j - offset)."""
+        offset = None if self.diag_offset is None else -self.diag_offset
+        return Similarity(self.k, self.q, self.inv_norm_k, self.inv_norm_q, self.scale, offset)
+
+    def input_precision(self) -> str:
+        return launch.fp32_input_precision() if self.q.dtype == torch.float32 else "ieee"
+
+    def kernel_args(self) -> Tuple:
+        """q, k, inv_norm_q, inv_norm_k, scale, N, M, D, mask offset and strides, in the order
+        the kernels take them."""
+        return (
+            self.q, self.k, self.inv_norm_q, self.inv_norm_k, self.scale,
+            self.n, self.m, self.dim, self.diag_offset or 0,
+            self.q.stride(0), self.q.stride(1), self.k.stride(0), self.k.stride(1),
+        )
+
+    def scratch(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Uninitialized buffer on the inputs' device (every buffer a kernel writes comes from here)."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def zero_gradients(self) -> Tuple[Tensor, Tensor]:
+        """(U, V) when no gradient term is present: zeros (N, D) and (M, D), fp32."""
+        return (torch.zeros((self.n, self.dim), dtype=torch.float32, device=self.device),
+                torch.zeros((self.m, self.dim), dtype=torch.float32, device=self.device))
+
+
+@dataclass(frozen=True)
+class WeightTerms:
+    """The backward's W_ij = row_grad_i f(S_ij, row_stat_i) + col_grad_j f(S_ij, col_stat_j); a
+    term is absent when its tensors are None. fp32 contiguous vectors (N,) and (M,)."""
+
+    row_stat: Optional[Tensor]
+    row_grad: Optional[Tensor]
+    col_stat: Optional[Tensor]
+    col_grad: Optional[Tensor]
+
+    def transposed(self) -> "WeightTerms":
+        return WeightTerms(self.col_stat, self.col_grad, self.row_stat, self.row_grad)
+
+    def kernel_args(self) -> Tuple:
+        return self.row_stat, self.row_grad, self.col_stat, self.col_grad
+
+    def flags(self) -> dict:
+        """HAS_ROW_TERM / HAS_COL_TERM constexprs."""
+        return dict(HAS_ROW_TERM=self.row_grad is not None, HAS_COL_TERM=self.col_grad is not None)
+
+
+def as_stat(t: Tensor) -> Tensor:
+    """Statistics-dtype vector or scalar as the kernels read it: contiguous fp32 (O(N) copy at most)."""
+    return t.to(torch.float32).contiguous()

@@ -1,0 +1,276 @@
+"""The cuda backend's kernels on a GPU against a dense float64 torch computation of the contract.
+
+    PYTHONPATH=. python -m pytest -q tests/gpu/test_cuda_gpu.py
+    compute-sanitizer --tool memcheck python -m pytest -q tests/gpu/test_cuda_gpu.py -k memcheck
+
+The extension is built just in time on first use when it is not built already (about a minute).
+The dense truth is computed from the same (already rounded) inputs, so the remaining error is the
+kernels' own: fp32 accumulation everywhere, plus TF32 rounding of dL/dS and of the normalized rows
+in the backward's products (and in everything for fp32_precision="tf32").
+"""
+
+import math
+
+import pytest
+import torch
+
+from fused_losses.backends import cuda as cuda_backend
+from fused_losses.backends import select_backend
+from fused_losses.backends.cuda import kernels as cuda_kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+# Maximum errors: lse in absolute terms; softplus sums, U, V and grad_bias relative to the largest
+# magnitude of the truth. (forward lse, forward softplus, backward). Single-pass TF32 errs by
+# ~1e-3 relative in S, so by ~scale * 1e-3 relative in exp(S): it is checked at scale 20.
+TOLERANCES = {"tf32": (0.1, 0.05, 0.1), "split_tf32": (2e-3, 1e-4, 3e-3)}
+
+# (dtype, N, M, D, diag_offset, workspace_limit_bytes or None for the default)
+CASES = [
+    (BF16, 8192, 8192, 512, 0, None),
+    (FP16, 8192, 8192, 256, None, None),
+    (FP32, 4096, 4096, 512, 0, None),
+    (BF16, 4097, 3001, 1000, 3, 1 << 20),  # ragged tiles; several forward launches, 65 backward chunks
+    (FP16, 300, 65536, 128, -5, None),  # few rows: columns split across CTAs
+    (BF16, 65536, 512, 256, 0, None),  # few columns
+    (FP32, 1000, 777, 65, 1, 1 << 20),  # odd D: no 16-byte loads
+]
+
+
+def case_id(case):
+    dtype, n, m, d, offset, limit = case
+    return f"{str(dtype)[6:]}-{n}x{m}x{d}-mask{offset}" + ("-small_workspace" if limit else "")
+
+
+@pytest.fixture(scope="module")
+def ready():
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    assert reason is None, reason
+    assert select_backend("cuda", torch.device("cuda")) == "cuda"
+
+
+def make_kernels(limit=None, precision="split_tf32"):
+    options = {"fp32_precision": precision}
+    if limit is not None:
+        options["workspace_limit_bytes"] = limit
+    return cuda_backend.make_kernels(**options)
+
+
+def make_inputs(dtype, n, m, d, offset, seed=0, scale=100.0):
+    """CLIP-like: k[i] correlated with q[i], so rows have a clear positive."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(n, d, device="cuda", generator=gen)
+    k = torch.randn(m, d, device="cuda", generator=gen)
+    paired = min(n, m)
+    k[:paired] += 2.0 * q[:paired]
+    q, k = q.to(dtype), k.to(dtype)
+    return dict(q=q, k=k, inv_norm_q=inv_norms(q), inv_norm_k=inv_norms(k),
+                scale=torch.tensor(scale, device="cuda"), diag_offset=offset)
+
+
+def inv_norms(x):
+    return 1.0 / x.float().norm(dim=1).clamp_min(1e-12)
+
+
+def random_vector(size, seed):
+    return torch.randn(size, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+
+
+# -- dense float64 truth ---------------------------------------------------------------------
+
+
+def dense_rows(args):
+    """(u, v) in float64: the normalized rows."""
+    u = args["q"].double() * args["inv_norm_q"].double()[:, None]
+    v = args["k"].double() * args["inv_norm_k"].double()[:, None]
+    return u, v
+
+
+def dense_similarity(args):
+    u, v = dense_rows(args)
+    s = args["scale"].double() * (u @ v.T)
+    offset = args["diag_offset"]
+    if offset is not None:
+        rows = torch.arange(s.shape[0], device=s.device)
+        cols = rows + offset
+        inside = (cols >= 0) & (cols < s.shape[1])
+        s[rows[inside], cols[inside]] = -math.inf
+    return s
+
+
+def softmax_shares(s, lse, dim):
+    """exp(s - lse) along dim, 0 where s is masked (including entirely masked rows / columns)."""
+    shares = torch.exp(s - lse.unsqueeze(dim))
+    return torch.where(s == -math.inf, torch.zeros_like(shares), shares)
+
+
+def dense_products(args, w):
+    u, v = dense_rows(args)
+    scale = args["scale"].double()
+    return scale * (w @ v), scale * (w.T @ u)
+
+
+def assert_close(got, want, tolerance, relative, what):
+    got = got.double()
+    assert got.shape == want.shape, what
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"{what}: -inf pattern"
+    finite = torch.isfinite(want)
+    assert torch.isfinite(got[finite]).all(), f"{what}: non-finite values"
+    if not finite.any():
+        return
+    error = (got[finite] - want[finite]).abs().max().item()
+    bound = tolerance * (max(1.0, want[finite].abs().max().item()) if relative else 1.0)
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
+
+
+# -- accuracy ----------------------------------------------------------------------------------
+
+
+def check_case(kernels, args, tolerances, bias=-10.0):
+    lse_tol, softplus_tol, backward_tol = tolerances
+    s = dense_similarity(args)
+    lse_row, lse_col = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+    n, m = s.shape
+
+    got_row, got_col = kernels.lse_forward(**args, want_rows=True, want_cols=True)
+    assert_close(got_row, lse_row, lse_tol, False, "lse_row")
+    assert_close(got_col, lse_col, lse_tol, False, "lse_col")
+    rows_only = kernels.lse_forward(**args, want_rows=True, want_cols=False)
+    cols_only = kernels.lse_forward(**args, want_rows=False, want_cols=True)
+    assert rows_only[1] is None and cols_only[0] is None
+    assert torch.equal(rows_only[0], got_row)  # the column pass does not change the row pass
+    assert_close(cols_only[1], lse_col, lse_tol, False, "lse_col alone")
+
+    grad_row, grad_col = random_vector(n, 11), random_vector(m, 12)
+    stats = dict(lse_row=lse_row.float(), lse_col=lse_col.float())
+    shares_row = softmax_shares(s, lse_row, 1) * grad_row.double()[:, None]
+    shares_col = softmax_shares(s, lse_col, 0) * grad_col.double()[None, :]
+    for name, g_row, g_col, w in [("both", grad_row, grad_col, shares_row + shares_col),
+                                  ("rows", grad_row, None, shares_row), ("cols", None, grad_col, shares_col)]:
+        u, v = kernels.lse_backward(**args, **stats, grad_row=g_row, grad_col=g_col)
+        want_u, want_v = dense_products(args, w)
+        assert_close(u, want_u, backward_tol, True, f"lse U ({name})")
+        assert_close(v, want_v, backward_tol, True, f"lse V ({name})")
+    del shares_row, shares_col, w
+
+    bias_t = torch.tensor(bias, device="cuda")
+    logits = s + bias
+    sp_row = kernels.softplus_forward(**args, bias=bias_t)
+    assert_close(sp_row, torch.nn.functional.softplus(logits).sum(dim=1), softplus_tol, True, "softplus rows")
+    w = torch.sigmoid(logits) * grad_row.double()[:, None]
+    u, v, grad_bias = kernels.softplus_backward(**args, bias=bias_t, grad_row=grad_row)
+    want_u, want_v = dense_products(args, w)
+    assert_close(u, want_u, backward_tol, True, "softplus U")
+    assert_close(v, want_v, backward_tol, True, "softplus V")
+    assert grad_bias.shape == ()
+    assert_close(grad_bias, w.sum(), 1e-4, True, "grad_bias")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_dense(ready, case):
+    dtype, n, m, d, offset, limit = case
+    args = make_inputs(dtype, n, m, d, offset)
+    check_case(make_kernels(limit), args, TOLERANCES["split_tf32"])
+
+
+def test_fp32_single_pass_tf32(ready):
+    args = make_inputs(FP32, 2048, 3000, 512, 0, scale=20.0)
+    check_case(make_kernels(precision="tf32"), args, TOLERANCES["tf32"])
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+def test_strided_inputs(ready, dtype):
+    """Rows with a stride of their own (no 16-byte loads) and a feature stride != 1 (copied)."""
+    n, m, d = 333, 517, 200
+    args = make_inputs(dtype, n, m, d, 2)
+    q_padded = torch.zeros(n, d + 3, dtype=dtype, device="cuda")
+    q_padded[:, 1:d + 1] = args["q"]
+    k_transposed = args["k"].t().contiguous().t()
+    strided = dict(args, q=q_padded[:, 1:d + 1], k=k_transposed)
+    assert strided["q"].stride() == (d + 3, 1) and strided["k"].stride() == (1, m)
+    check_case(make_kernels(), strided, TOLERANCES["split_tf32"])
+
+
+def test_fully_masked_rows_and_columns(ready):
+    """One column and the mask on its only entry of row 0: lse_row[0] = -inf, no NaN anywhere."""
+    args = make_inputs(BF16, 4, 1, 16, 0)
+    check_case(make_kernels(), args, TOLERANCES["split_tf32"])
+    lse_row, _ = make_kernels().lse_forward(**args, want_rows=True, want_cols=False)
+    assert lse_row[0].item() == -math.inf and torch.isfinite(lse_row[1:]).all()
+
+
+def test_empty_and_zero_dim(ready):
+    kernels = make_kernels()
+    empty = make_inputs(FP16, 0, 5, 8, None)
+    lse_row, lse_col = kernels.lse_forward(**empty, want_rows=True, want_cols=True)
+    assert lse_row.shape == (0,) and torch.isneginf(lse_col).all()
+    args = make_inputs(FP16, 70, 50, 0, 0)  # D = 0: S = 0 off the mask
+    check_case(kernels, args, TOLERANCES["split_tf32"])
+
+
+# -- determinism and output independence --------------------------------------------------------
+
+
+def run_all(kernels, args):
+    bias = torch.tensor(-10.0, device="cuda")
+    lse_row, lse_col = kernels.lse_forward(**args, want_rows=True, want_cols=True)
+    grad_row = random_vector(lse_row.shape[0], 3)
+    grad_col = random_vector(lse_col.shape[0], 4)
+    return [lse_row, lse_col,
+            *kernels.lse_backward(**args, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col),
+            kernels.softplus_forward(**args, bias=bias),
+            *kernels.softplus_backward(**args, bias=bias, grad_row=grad_row)]
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+def test_deterministic(ready, dtype):
+    args = make_inputs(dtype, 3000, 5000, 384, 0)
+    kernels = make_kernels(1 << 22)  # several chunks, several forward launches
+    first, second = run_all(kernels, args), run_all(kernels, args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_poisoned_outputs_and_workspace(ready, monkeypatch):
+    """Results do not depend on what output and workspace buffers held before."""
+    args = make_inputs(BF16, 1500, 2100, 96, -1)
+    kernels = make_kernels(1 << 20)
+    clean = run_all(kernels, args)
+
+    def poisoned(shape, device, dtype=torch.float32):
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        return buffer.fill_(255) if dtype == torch.uint8 else buffer.fill_(math.nan)
+
+    monkeypatch.setattr(cuda_kernels, "_empty", poisoned)
+    for a, b in zip(clean, run_all(kernels, args)):
+        assert torch.equal(a, b)
+
+
+def test_side_stream(ready):
+    args = make_inputs(FP16, 700, 900, 64, None)
+    kernels = make_kernels()
+    want = run_all(kernels, args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = run_all(kernels, args)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+# -- small enough for compute-sanitizer ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+def test_memcheck_small(ready, dtype):
+    """Every entry point on ragged sizes, in seconds even under compute-sanitizer memcheck."""
+    for offset, limit in [(None, None), (3, 1)]:
+        args = make_inputs(dtype, 70, 45, 37, offset)
+        check_case(make_kernels(limit), args, TOLERANCES["split_tf32"])
+    torch.cuda.synchronize()

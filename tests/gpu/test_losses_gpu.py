@@ -1,0 +1,24 @@
+"""Every loss on every GPU backend against the float64 reference on the same GPU (needs CUDA)."""
+
+import pytest
+import torch
+
+import fused_losses as fl
+from tests.test_losses import LOSS_CASES, compare_with_reference
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu_backends():
+    return fl.available_backends(torch.device("cuda")) if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,m,d", [(1000, 1000, 256), (257, 4099, 1000), (3, 5, 64)])
+def test_loss_on_gpu_matches_reference(backend, case, dtype, n, m, d):
+    if backend not in _gpu_backends():
+        pytest.fail(f"backend {backend} cannot run on this GPU: {fl.backend_status(torch.device('cuda'))[backend]}")
+    for options in case.option_grid:
+        compare_with_reference(case, backend, n, m, d, dtype, "mean", options, device="cuda")

@@ -1,0 +1,312 @@
+"""The cuda backend without a GPU: the host/device shared code compiled and run on the CPU, the
+build script, the compiled extension's CPU-side behaviour, and the backend's Python checks.
+
+With FUSED_LOSSES_BUILD_CUDA=1 (CI, after `python -m fused_losses.backends.cuda.build`) the
+extension must be built and fresh; otherwise the tests that need it skip.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_losses.backends as backends
+from fused_losses.backends.base import BackendUnavailable
+from fused_losses.backends.cuda import _extension, build, make_kernels, unavailable_reason
+
+HOST_TEST = build.CSRC / "host_tests" / "similarity_math_test.cpp"
+REQUIRE_EXTENSION = os.environ.get("FUSED_LOSSES_BUILD_CUDA") == "1"
+
+
+def _compile_and_run(compiler_command, binary: Path) -> None:
+    compiled = subprocess.run(compiler_command, capture_output=True, text=True)
+    assert compiled.returncode == 0, f"compile error:\n{compiled.stdout}{compiled.stderr}"
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert " 0 failures" in ran.stdout, ran.stdout
+
+
+def test_shared_math_with_host_compiler(tmp_path):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    binary = tmp_path / "similarity_math_test"
+    _compile_and_run([compiler, "-std=c++17", "-O1", "-Wall", "-Wextra", f"-I{build.CSRC}", str(HOST_TEST),
+                      "-o", str(binary)], binary)
+
+
+def test_shared_math_as_cuda_host_code(tmp_path):
+    """The same checks with the header seen as CUDA (__host__ __device__ functions) by nvcc."""
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    binary = tmp_path / "similarity_math_test_nvcc"
+    _compile_and_run([nvcc, "-std=c++17", "-x", "cu", "-arch=sm_80", f"-I{build.CSRC}", str(HOST_TEST),
+                      "-o", str(binary)], binary)
+
+
+# Kernel launches `name<template args><<<grid, block, smem, stream>>>(` as emulation calls.
+KERNEL_LAUNCH = re.compile(r"(\w+(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+EMULATION = build.CSRC / "host_tests" / "emulation"
+
+
+def _host_compiler_with_cxx20(tmp_path):
+    """g++ / c++ if it has what the emulation needs (C++20 <barrier>, _Float16), else None."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n")
+    result = subprocess.run([compiler, "-std=c++20", "-pthread", str(probe), "-o", str(tmp_path / "probe")],
+                            capture_output=True)
+    return compiler if result.returncode == 0 else None
+
+
+def test_kernels_on_cpu_emulation(tmp_path):
+    """forward.cu and backward.cu themselves, compiled for the CPU emulation of CUDA in
+    csrc/host_tests/emulation and run through the public entry points against a direct double
+    computation (csrc/host_tests/kernels_emulated_test.cpp)."""
+    compiler = _host_compiler_with_cxx20(tmp_path)
+    if compiler is None:
+        pytest.skip("no host compiler with C++20 <barrier> and _Float16")
+    sources = []
+    for name in ("forward.cu", "backward.cu"):
+        text, launches = KERNEL_LAUNCH.subn(
+            lambda m: f"::emulation::Launcher({m.group(2)}).run({m.group(1)}, ", (build.CSRC / name).read_text())
+        assert launches >= 3, f"no kernel launches found in {name}"
+        sources.append(tmp_path / f"{name}.cpp")
+        sources[-1].write_text(f'#line 1 "{build.CSRC / name}"\n' + text)
+    binary = tmp_path / "kernels_emulated_test"
+    _compile_and_run([compiler, "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", f"-I{EMULATION}",
+                      f"-I{build.CSRC}", *map(str, sources), str(build.CSRC / "host_tests" / "kernels_emulated_test.cpp"),
+                      "-o", str(binary)], binary)
+
+
+# -- build script ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, archs", [("80;90", [80, 90]), ("9.0, 8.0", [80, 90]), ("sm_86", [86]),
+                                         ("90 90", [90]), ("compute_80;", [80])])
+def test_parse_archs(spec, archs):
+    assert build.parse_archs(spec) == archs
+
+
+@pytest.mark.parametrize("spec", ["75", "80;70", "hopper", ";"])
+def test_parse_archs_rejects(spec):
+    with pytest.raises(build.BuildError):
+        build.parse_archs(spec)
+
+
+def test_archs_from_environment(monkeypatch):
+    monkeypatch.delenv("FUSED_LOSSES_CUDA_ARCHS", raising=False)
+    assert build.parse_archs() == [80, 90]
+    monkeypatch.setenv("FUSED_LOSSES_CUDA_ARCHS", "90")
+    assert build.parse_archs() == [90]
+
+
+def test_gencode_flags_embed_ptx_of_newest_arch():
+    assert build.gencode_flags([80, 90]) == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=[sm_90,compute_90]",
+    ]
+
+
+@pytest.mark.parametrize("archs, capability, covered", [
+    ([80, 90], (8, 0), True), ([80, 90], (8, 6), True), ([80, 90], (9, 0), True), ([80, 90], (10, 0), True),
+    ([90], (8, 0), False), ([86], (8, 0), False), ([80], (9, 0), True),
+])
+def test_covers_capability(archs, capability, covered):
+    assert build.covers_capability(archs, capability) == covered
+
+
+def test_jobs_from_environment(monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert build.default_jobs() == 3
+    monkeypatch.delenv("MAX_JOBS")
+    assert build.default_jobs() >= 1
+
+
+def test_missing_tools_names_nvcc(monkeypatch):
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    assert any("nvcc" in tool for tool in build.missing_tools())
+
+
+def test_setup_py_runs_without_the_extension():
+    setup_py = build.REPO_ROOT / "setup.py"
+    result = subprocess.run([sys.executable, str(setup_py), "--version"], cwd=build.REPO_ROOT, capture_output=True,
+                            text=True, env={**os.environ, "FUSED_LOSSES_BUILD_CUDA": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("0.1.0")
+
+
+# -- the compiled extension, on the CPU --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not build.IN_PLACE_OUTPUT.is_file():
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FUSED_LOSSES_BUILD_CUDA=1 but {build.IN_PLACE_OUTPUT} is not built")
+        pytest.skip("the CUDA extension is not built")
+    module = _extension._import_file(build.IN_PLACE_OUTPUT)
+    if module.source_hash != build.source_hash():
+        stale = f"{build.IN_PLACE_OUTPUT} is stale: rebuild it with {build.BUILD_COMMAND}"
+        pytest.fail(stale) if REQUIRE_EXTENSION else pytest.skip(stale)
+    return module
+
+
+def _problem(ext, n=1000, m=70000, d=64, **overrides):
+    fields = dict(dtype=ext.DType.bfloat16, q=0, q_row_stride=d, k=0, k_row_stride=d, n=n, m=m, d=d, inv_norm_q=0,
+                  inv_norm_k=0, scale=0, has_mask=True, diag_offset=0)
+    fields.update(overrides)
+    return ext.SimilarityProblem(**fields)
+
+
+def _launch(ext, limit=256 << 20):
+    return ext.Launch(device=0, stream=0, num_sms=132, fp32_single_pass_tf32=False, workspace_limit=limit)
+
+
+def test_extension_reports_its_build(ext):
+    assert build.parse_archs(ext.cuda_archs)
+
+
+def test_workspace_sizes_are_bounded(ext):
+    n, m, d = 65536, 65536, 512
+    problem, launch = _problem(ext, n, m, d), _launch(ext, 256 << 20)
+    forward = ext.lse_forward_workspace_bytes(problem, True, True, launch)
+    backward = ext.lse_backward_workspace_bytes(problem, launch)
+    assert forward <= (256 << 20) + 64 * n * 8 + 2 * m * 8 + 4096  # partials under the cap, O(N + M) rest
+    assert (256 << 20) - 64 * m * 4 < backward <= (256 << 20) + 4096  # a 1024-row chunk of fp32 weights
+    assert ext.softplus_backward_workspace_bytes(problem, launch) >= backward
+    assert ext.lse_forward_workspace_bytes(problem, False, True, launch) < forward
+
+
+def test_problem_rejects_empty_sizes(ext):
+    with pytest.raises(ValueError, match="n > 0"):
+        _problem(ext, n=0)
+
+
+def test_launch_without_gpu_raises_cleanly(ext):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    problem, launch = _problem(ext), _launch(ext)
+    needed = ext.lse_forward_workspace_bytes(problem, True, False, launch)
+    with pytest.raises(RuntimeError, match="fused_losses cuda backend: cudaGetDevice"):
+        ext.lse_forward(problem=problem, lse_row=256, lse_col=0, workspace=512, workspace_bytes=needed,
+                        launch=launch)
+
+
+def test_launch_checks_workspace_size(ext):
+    problem, launch = _problem(ext), _launch(ext)
+    with pytest.raises(ValueError, match="workspace"):
+        ext.softplus_forward(problem=problem, bias=256, sp_row=256, workspace=512, workspace_bytes=16, launch=launch)
+
+
+# -- the backend's Python side -----------------------------------------------------------------
+
+
+def test_unavailable_off_cuda():
+    assert "CUDA tensors only" in unavailable_reason(torch.device("cpu"))
+    assert backends.unavailable_reason("cuda", torch.device("cpu")) is not None
+
+
+def test_unavailable_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    reason = unavailable_reason(torch.device("cuda"))
+    assert "CUDA" in reason
+    with pytest.raises(BackendUnavailable):
+        backends.select_backend("cuda", torch.device("cuda"))
+
+
+def test_make_kernels_options():
+    kernels = make_kernels()
+    assert kernels.name == "cuda"
+    assert make_kernels(fp32_precision="tf32", workspace_limit_bytes=1 << 20).fp32_precision == "tf32"
+    with pytest.raises(TypeError):
+        make_kernels(chunk_size=3)
+    with pytest.raises(ValueError):
+        make_kernels(fp32_precision="fp64")
+
+
+def _args(dtype, device="cpu"):
+    q, k = torch.randn(5, 8, dtype=dtype, device=device), torch.randn(6, 8, dtype=dtype, device=device)
+    norms = torch.ones(5, device=device), torch.ones(6, device=device)
+    return (q, k, *norms, torch.tensor(10.0, device=device))
+
+
+def test_float64_points_to_torch_backend():
+    with pytest.raises(TypeError, match="backend='torch'"):
+        make_kernels().lse_forward(*_args(torch.float64), None, True, True)
+
+
+def test_cpu_tensors_rejected():
+    with pytest.raises(ValueError, match="CUDA device"):
+        make_kernels().softplus_forward(*_args(torch.float32), torch.tensor(-10.0), None)
+
+
+@pytest.fixture
+def isolated_extension_state(monkeypatch, tmp_path):
+    """_extension with no loaded module, no in-place build and an empty just-in-time cache."""
+    monkeypatch.setattr(_extension, "_loaded", None)
+    monkeypatch.setattr(_extension, "_build_failure", None)
+    monkeypatch.setattr(build, "IN_PLACE_OUTPUT", tmp_path / "missing" / "_C.so")
+    monkeypatch.setenv("FUSED_LOSSES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FUSED_LOSSES_CUDA_JIT", raising=False)
+    return tmp_path
+
+
+def test_not_built_reason_gives_build_command(isolated_extension_state, monkeypatch):
+    monkeypatch.setenv("FUSED_LOSSES_CUDA_JIT", "0")
+    assert build.BUILD_COMMAND in _extension.unavailable_reason((9, 0))
+    with pytest.raises(BackendUnavailable, match="not built"):
+        _extension.load((9, 0))
+
+
+def test_just_in_time_build_possible(isolated_extension_state, monkeypatch):
+    monkeypatch.setattr(build, "missing_tools", lambda: [])
+    assert _extension.unavailable_reason((9, 0)) is None
+    monkeypatch.setattr(build, "missing_tools", lambda: ["nvcc (install the CUDA toolkit or set CUDA_HOME)"])
+    assert "nvcc" in _extension.unavailable_reason((9, 0))
+
+
+def test_just_in_time_build_is_cached(isolated_extension_state, monkeypatch, ext):
+    """The just-in-time path with the compiler replaced by a copy of the in-place build."""
+    source = Path(ext.__file__)
+    builds = []
+
+    def fake_build(output, archs, build_dir=None, verbose=True):
+        builds.append(archs)
+        shutil.copy(source, output)
+        return output
+
+    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(build, "missing_tools", lambda: [])
+    module = _extension.load((9, 0))
+    assert module.source_hash == build.source_hash() and builds == [[90]]
+    assert _extension.jit_output([90]).is_file()
+    monkeypatch.setattr(_extension, "_loaded", None)
+    assert _extension.load((9, 0)) is not None and builds == [[90]]  # cached: not built again
+
+
+def test_failed_just_in_time_build_is_reported(isolated_extension_state, monkeypatch):
+    def failing_build(output, archs, build_dir=None, verbose=True):
+        raise build.BuildError("forward.cu(1): error: expected a ';'")
+
+    monkeypatch.setattr(build, "build", failing_build)
+    monkeypatch.setattr(build, "missing_tools", lambda: [])
+    with pytest.raises(BackendUnavailable, match="expected a ';'"):
+        _extension.load((9, 0))
+    assert "expected a ';'" in _extension.unavailable_reason((9, 0))  # and not retried
+
+
+def test_stale_in_place_build_is_not_used(isolated_extension_state, monkeypatch, ext):
+    monkeypatch.setattr(build, "IN_PLACE_OUTPUT", Path(ext.__file__))
+    monkeypatch.setattr(build, "source_hash", lambda: "0123456789abcdef")
+    monkeypatch.setenv("FUSED_LOSSES_CUDA_JIT", "0")
+    assert "older sources" in _extension.unavailable_reason((9, 0))

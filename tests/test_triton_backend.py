@@ -1,0 +1,488 @@
+"""The triton backend's kernels against a dense float64 computation of the contract
+(fused_losses/backends/base.py). Runs in triton's interpreter when there is no GPU.
+
+Every scratch buffer the backend allocates is filled with NaN first (``poisoned_buffers``), so an
+element a kernel fails to write shows up as NaN in the results.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from fused_losses.backends import triton as triton_backend  # noqa: E402
+from fused_losses.backends.triton import launch  # noqa: E402
+from fused_losses.backends.triton.operands import Similarity  # noqa: E402
+
+# The interpreter evaluates both sides of tl.where with numpy: masked lanes (-inf - -inf, 0 / 0)
+# warn there; the tests check outputs for NaN themselves.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Worst |error| allowed relative to max(1, max |expected|): the interpreter's fp32 dot is exact;
+# fp16 products are exact in fp32, but the backward rounds W and v to fp16 for the dot.
+VALUE_TOL = {torch.float32: 1e-5, torch.float16: 1e-5}
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
+
+# (N, M, D, diag_offset): N = 1, primes, N != M, D not a power of two and larger than one D block
+# of the interpreter's configuration (16), masks with offsets 0, positive, negative.
+SHAPES = [
+    (1, 1, 3, None),
+    (1, 7, 5, 0),
+    (13, 29, 37, None),
+    (29, 13, 16, 3),
+    (17, 17, 20, 0),
+    (16, 33, 33, -5),
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def nan_buffer(self, *shape, dtype=torch.float32):
+        return torch.full(shape, float("nan"), dtype=dtype, device=self.device)
+
+    monkeypatch.setattr(Similarity, "scratch", nan_buffer)
+
+
+@pytest.fixture(params=["fused", "chunked"])
+def gradient_strategy(request, monkeypatch):
+    """Run the backward with W on chip, or with W materialized in row chunks, whatever D is."""
+    largest_fused_dim = 10**9 if request.param == "fused" else 0
+    monkeypatch.setattr(launch, "FUSED_GRADIENT_MAX_DIM",
+                        dict.fromkeys(launch.FUSED_GRADIENT_MAX_DIM, largest_fused_dim))
+    return request.param
+
+
+@pytest.fixture
+def many_splits(monkeypatch):
+    """More programs than blocks: every launch splits the reduced dimension."""
+    monkeypatch.setattr(launch, "INTERPRETER_PROGRAMS", 64)
+    monkeypatch.setattr(launch, "_cuda_programs", lambda index: 4096)
+
+
+def kernels(**options):
+    return triton_backend.make_kernels(**options)
+
+
+def inv_norms(x, eps=1e-12):
+    return 1.0 / x.float().norm(dim=1).clamp_min(eps)
+
+
+def make_inputs(n, m, d, dtype, seed=0, scale=3.0, normalize=True):
+    """Keyword arguments of the kernel methods: q, k, inverse norms, 0-d scale, diag_offset=None."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(m, d, generator=gen).to(dtype).to(DEVICE)
+    ones = lambda x: torch.ones(x.shape[0], device=DEVICE)  # noqa: E731
+    return dict(
+        q=q, k=k,
+        inv_norm_q=inv_norms(q) if normalize else ones(q),
+        inv_norm_k=inv_norms(k) if normalize else ones(k),
+        scale=torch.tensor(scale, device=DEVICE), diag_offset=None,
+    )
+
+
+def dense_similarity(q, k, inv_norm_q, inv_norm_k, scale, diag_offset):
+    """(u, v, S) in float64 with S masked to -inf."""
+    u = inv_norm_q.double()[:, None] * q.double()
+    v = inv_norm_k.double()[:, None] * k.double()
+    s = scale.double() * (u @ v.T)
+    if diag_offset is not None:
+        rows = torch.arange(s.shape[0], device=s.device)
+        cols = rows + diag_offset
+        inside = (cols >= 0) & (cols < s.shape[1])
+        s[rows[inside], cols[inside]] = float("-inf")
+    return u, v, s
+
+
+def softmax(s, lse, dim):
+    """exp(S - lse) along ``dim``, 0 on an all-masked line (lse = -inf)."""
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(s - lse.unsqueeze(dim))
+
+
+def dense_lse(**inputs):
+    _, _, s = dense_similarity(**inputs)
+    return torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+
+
+def dense_lse_grads(grad_row, grad_col, **inputs):
+    u, v, s = dense_similarity(**inputs)
+    w = torch.zeros_like(s)
+    if grad_row is not None:
+        w += grad_row.double()[:, None] * softmax(s, torch.logsumexp(s, dim=1), 1)
+    if grad_col is not None:
+        w += grad_col.double()[None, :] * softmax(s, torch.logsumexp(s, dim=0), 0)
+    scale = inputs["scale"].double()
+    return scale * w @ v, scale * w.T @ u
+
+
+def dense_softplus(bias, **inputs):
+    _, _, s = dense_similarity(**inputs)
+    return torch.nn.functional.softplus(s + bias.double()).sum(dim=1)
+
+
+def dense_softplus_grads(bias, grad_row, **inputs):
+    u, v, s = dense_similarity(**inputs)
+    w = grad_row.double()[:, None] * torch.sigmoid(s + bias.double())
+    scale = inputs["scale"].double()
+    return scale * w @ v, scale * w.T @ u, w.sum()
+
+
+def assert_matches(got, want, tol):
+    """fp32, same shape, no NaN, -inf exactly where expected, error <= tol * max(1, max|want|)."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert not torch.isnan(got).any(), "NaN in the output (an element was not written?)"
+    assert torch.equal(torch.isneginf(got).cpu(), torch.isneginf(want).cpu())
+    finite = torch.isfinite(want)
+    if finite.any():
+        error = (got.double() - want)[finite].abs().max().item()
+        assert error <= tol * max(1.0, want[finite].abs().max().item()), error
+
+
+def random_grads(n, m, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen).to(DEVICE), torch.randn(m, generator=gen).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,m,d,offset", SHAPES)
+def test_lse_matches_dense(n, m, d, offset, dtype, gradient_strategy):
+    inputs = make_inputs(n, m, d, dtype)
+    inputs["diag_offset"] = offset
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, VALUE_TOL[dtype])
+    assert_matches(lse_col, want_col, VALUE_TOL[dtype])
+
+    grad_row, grad_col = random_grads(n, m)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[dtype])
+    assert_matches(v, want_v, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("want_rows,want_cols", [(True, False), (False, True), (False, False)])
+def test_lse_returns_only_the_directions_asked_for(want_rows, want_cols):
+    inputs = make_inputs(13, 29, 37, torch.float32)
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=want_rows, want_cols=want_cols)
+    want_row, want_col = dense_lse(**inputs)
+    assert (lse_row is None) == (not want_rows) and (lse_col is None) == (not want_cols)
+    if want_rows:
+        assert_matches(lse_row, want_row, VALUE_TOL[torch.float32])
+    if want_cols:
+        assert_matches(lse_col, want_col, VALUE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("which", ["row", "col", "none"])
+def test_lse_backward_with_one_or_no_gradient_term(which, gradient_strategy):
+    inputs = make_inputs(17, 11, 20, torch.float32)
+    inputs["diag_offset"] = 1
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=which == "row", want_cols=which == "col")
+    grad_row, grad_col = random_grads(17, 11)
+    grad_row = grad_row if which == "row" else None
+    grad_col = grad_col if which == "col" else None
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[torch.float32])
+    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    if which == "none":
+        assert not u.any() and not v.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,m,d,offset", SHAPES)
+def test_softplus_matches_dense(n, m, d, offset, dtype, gradient_strategy):
+    inputs = make_inputs(n, m, d, dtype, scale=5.0)
+    inputs["diag_offset"] = offset
+    bias = torch.tensor(-2.5, device=DEVICE)
+    sp_row = kernels().softplus_forward(**inputs, bias=bias)
+    assert_matches(sp_row, dense_softplus(bias, **inputs), VALUE_TOL[dtype])
+
+    grad_row, _ = random_grads(n, m)
+    u, v, grad_bias = kernels().softplus_backward(**inputs, bias=bias, grad_row=grad_row)
+    want_u, want_v, want_bias = dense_softplus_grads(bias, grad_row, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[dtype])
+    assert_matches(v, want_v, GRAD_TOL[dtype])
+    assert grad_bias.shape == () and grad_bias.dtype == torch.float32
+    assert_matches(grad_bias, want_bias, GRAD_TOL[dtype])
+
+
+def test_softplus_keeps_terms_below_fp32_resolution_of_one():
+    # softplus(S + bias) ~ e^-20 for every entry: log(1 + z) alone would round each to 0.
+    inputs = make_inputs(5, 300, 8, torch.float32, scale=1.0)
+    bias = torch.tensor(-20.0, device=DEVICE)
+    sp_row = kernels().softplus_forward(**inputs, bias=bias)
+    want = dense_softplus(bias, **inputs)
+    torch.testing.assert_close(sp_row.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("n,m,offset", [(1, 1, 0), (1, 4, 0), (4, 1, -2), (3, 3, 0)])
+def test_fully_masked_lines_give_minus_inf_and_zero_gradients(n, m, offset, gradient_strategy):
+    inputs = make_inputs(n, m, 6, torch.float32)
+    inputs["diag_offset"] = offset
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, VALUE_TOL[torch.float32])
+    assert_matches(lse_col, want_col, VALUE_TOL[torch.float32])
+    grad_row, grad_col = torch.ones(n, device=DEVICE), torch.ones(m, device=DEVICE)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[torch.float32])
+    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    if n == m == 1:
+        assert torch.isneginf(lse_row).all() and torch.isneginf(lse_col).all()
+        assert not u.any() and not v.any()
+        bias = torch.tensor(0.5, device=DEVICE)
+        assert kernels().softplus_forward(**inputs, bias=bias).item() == 0.0
+        u, v, grad_bias = kernels().softplus_backward(**inputs, bias=bias, grad_row=grad_row)
+        assert not u.any() and not v.any() and grad_bias.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scale", [100.0, 1000.0])
+def test_large_scale_with_normalized_inputs(scale, dtype, gradient_strategy):
+    n, m, d = 19, 23, 24
+    # exp(S) with |S| ~ scale inherits fp32's rounding of S, ~6e-8 * scale relative.
+    value_tol, grad_tol = VALUE_TOL[dtype] + 1e-7 * scale, GRAD_TOL[dtype] + 1e-7 * scale
+    inputs = make_inputs(n, m, d, dtype, scale=scale)
+    inputs["k"][:n] = inputs["q"]  # a matching key per row: very peaked softmaxes
+    inputs["inv_norm_k"] = inv_norms(inputs["k"])
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, value_tol)
+    assert_matches(lse_col, want_col, value_tol)
+    grad_row, grad_col = random_grads(n, m)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, grad_tol)
+    assert_matches(v, want_v, grad_tol)
+    bias = torch.tensor(-scale / 2, device=DEVICE)
+    assert_matches(kernels().softplus_forward(**inputs, bias=bias), dense_softplus(bias, **inputs), value_tol)
+
+
+def test_small_gradients_survive_fp16_weights(gradient_strategy):
+    # Weights ~ 1e-7 / M would underflow fp16 if W were rounded without rescaling.
+    n, m, d = 20, 40, 16
+    inputs = make_inputs(n, m, d, torch.float16)
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    grad_row, grad_col = (g * 1e-7 for g in random_grads(n, m))
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    for got, want in ((u, want_u), (v, want_v)):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < GRAD_TOL[torch.float16], error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zero_vectors(dtype, gradient_strategy):
+    inputs = make_inputs(9, 11, 12, dtype)
+    inputs["q"][2] = 0
+    inputs["k"][5] = 0
+    inputs["inv_norm_q"] = inv_norms(inputs["q"])
+    inputs["inv_norm_k"] = inv_norms(inputs["k"])
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, VALUE_TOL[dtype])
+    assert_matches(lse_col, want_col, VALUE_TOL[dtype])
+    grad_row, grad_col = random_grads(9, 11)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[dtype])
+    assert_matches(v, want_v, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous_inputs(dtype, gradient_strategy):
+    gen = torch.Generator().manual_seed(3)
+    q_base = torch.randn(40, 2 * 21, generator=gen).to(dtype).to(DEVICE)
+    k_base = torch.randn(21, 30, generator=gen).to(dtype).to(DEVICE)
+    q = q_base[5:18, ::2]  # row slice with a feature stride of 2
+    k = k_base.T  # transposed view: feature stride 30
+    assert not q.is_contiguous() and not k.is_contiguous()
+    inputs = dict(q=q, k=k, inv_norm_q=inv_norms(q), inv_norm_k=inv_norms(k),
+                  scale=torch.tensor(4.0, device=DEVICE), diag_offset=2)
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, VALUE_TOL[dtype])
+    assert_matches(lse_col, want_col, VALUE_TOL[dtype])
+    grad_row, grad_col = random_grads(13, 30)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[dtype])
+    assert_matches(v, want_v, GRAD_TOL[dtype])
+    bias = torch.tensor(-1.0, device=DEVICE)
+    u, v, grad_bias = kernels().softplus_backward(**inputs, bias=bias, grad_row=grad_row)
+    want_u, want_v, want_bias = dense_softplus_grads(bias, grad_row, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[dtype])
+    assert_matches(v, want_v, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("workspace", ["one row block per forward launch", "two gradient splits",
+                                       "one row block per weight chunk"])
+def test_splits_and_row_chunks_merge_correctly(many_splits, monkeypatch, workspace):
+    n, m, d = 40, 29, 20
+    if workspace == "one row block per forward launch":
+        monkeypatch.setattr(launch, "WORKSPACE_BYTES", launch.FLOAT32_BYTES * m)
+        assert launch.row_blocks_per_launch(launch.cdiv(n, 16), m) == 1
+    elif workspace == "two gradient splits":
+        monkeypatch.setattr(launch, "WORKSPACE_BYTES", 2 * launch.FLOAT32_BYTES * n * d)
+        assert launch.max_gradient_splits(n, d) == 2
+    else:
+        monkeypatch.setattr(launch, "FUSED_GRADIENT_MAX_DIM", dict.fromkeys(launch.FUSED_GRADIENT_MAX_DIM, 0))
+        monkeypatch.setattr(launch, "WEIGHTS_WORKSPACE_BYTES", 16 * launch.WEIGHTS_ROW_ALIGN * launch.FLOAT32_BYTES)
+        assert launch.weight_chunk_rows(n, launch.WEIGHTS_ROW_ALIGN, launch.FLOAT32_BYTES, 16) == 16
+    inputs = make_inputs(n, m, d, torch.float32)
+    inputs["diag_offset"] = -3
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, VALUE_TOL[torch.float32])
+    assert_matches(lse_col, want_col, VALUE_TOL[torch.float32])
+    grad_row, grad_col = random_grads(n, m)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[torch.float32])
+    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    bias = torch.tensor(1.5, device=DEVICE)
+    assert_matches(kernels().softplus_forward(**inputs, bias=bias), dense_softplus(bias, **inputs),
+                   VALUE_TOL[torch.float32])
+    u, v, grad_bias = kernels().softplus_backward(**inputs, bias=bias, grad_row=grad_row)
+    want_u, want_v, want_bias = dense_softplus_grads(bias, grad_row, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[torch.float32])
+    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    assert_matches(grad_bias, want_bias, GRAD_TOL[torch.float32])
+
+
+def run_everything(kern, inputs, grad_row, grad_col, bias):
+    lse_row, lse_col = kern.lse_forward(**inputs, want_rows=True, want_cols=True)
+    grads = kern.lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    sp_row = kern.softplus_forward(**inputs, bias=bias)
+    sp_grads = kern.softplus_backward(**inputs, bias=bias, grad_row=grad_row)
+    return (lse_row, lse_col, *grads, sp_row, *sp_grads)
+
+
+def test_deterministic_bits_whatever_the_scratch_memory_holds(many_splits, monkeypatch, gradient_strategy):
+    calls = iter(range(10**6))
+
+    def garbage_buffer(self, *shape, dtype=torch.float32):
+        gen = torch.Generator().manual_seed(next(calls))
+        return (torch.randn(shape, generator=gen) * 1e3).to(dtype).to(self.device)
+
+    monkeypatch.setattr(Similarity, "scratch", garbage_buffer)
+    inputs = make_inputs(33, 18, 20, torch.float16)
+    inputs["diag_offset"] = 0
+    grad_row, grad_col = random_grads(33, 18)
+    bias = torch.tensor(-1.0, device=DEVICE)
+    first = run_everything(kernels(), inputs, grad_row, grad_col, bias)
+    second = run_everything(kernels(), inputs, grad_row, grad_col, bias)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_atomic_mode_matches_dense(many_splits):
+    inputs = make_inputs(21, 50, 18, torch.float32)
+    grad_row, grad_col = random_grads(21, 50)
+    bias = torch.tensor(-1.0, device=DEVICE)
+    lse_row, lse_col, u, v, _, sp_u, sp_v, grad_bias = run_everything(
+        kernels(deterministic=False), inputs, grad_row, grad_col, bias)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, GRAD_TOL[torch.float32])
+    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    want_u, want_v, want_bias = dense_softplus_grads(bias, grad_row, **inputs)
+    assert_matches(sp_u, want_u, GRAD_TOL[torch.float32])
+    assert_matches(sp_v, want_v, GRAD_TOL[torch.float32])
+    assert_matches(grad_bias, want_bias, GRAD_TOL[torch.float32])
+
+
+def test_unnormalized_inputs():
+    inputs = make_inputs(12, 14, 10, torch.float32, scale=0.5, normalize=False)
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, VALUE_TOL[torch.float32])
+    assert_matches(lse_col, want_col, VALUE_TOL[torch.float32])
+
+
+def test_float64_is_rejected_with_a_pointer_to_the_torch_backend():
+    inputs = make_inputs(3, 4, 5, torch.float64)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32.*torch"):
+        kernels().lse_forward(**inputs, want_rows=True, want_cols=False)
+
+
+def test_mixed_dtypes_are_rejected():
+    inputs = make_inputs(3, 4, 5, torch.float32)
+    inputs["k"] = inputs["k"].half()
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels().softplus_forward(**inputs, bias=torch.tensor(0.0, device=DEVICE))
+
+
+def test_make_kernels_options():
+    assert kernels().name == "triton"
+    assert kernels(deterministic=False).deterministic is False
+    with pytest.raises(TypeError):
+        kernels(block_size=64)
+
+
+def test_unavailable_reason(monkeypatch):
+    assert triton_backend.unavailable_reason(DEVICE) is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = triton_backend.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert "pip install triton" in triton_backend.unavailable_reason(DEVICE)
+
+
+def test_lopsided_shapes_are_split_to_fill_the_gpu(monkeypatch):
+    sm_count = 132
+    monkeypatch.setattr(launch, "_cuda_programs", lambda index: launch.PROGRAMS_PER_SM * sm_count)
+    cuda = torch.device("cuda", 0)
+    n, m, d = 256, 65536, 512
+    forward = launch.forward_config(d, torch.bfloat16, cuda)
+    row_blocks = launch.cdiv(n, forward.block_m)
+    splits, _ = launch.split_blocks(launch.cdiv(m, forward.block_n), row_blocks, cuda, 10**9)
+    assert row_blocks * splits >= sm_count
+    gradient = launch.gradient_config(d, torch.bfloat16, cuda)
+    other = launch.cdiv(n, gradient.block_m) * launch.cdiv(d, gradient.block_out)
+    splits, _ = launch.split_blocks(launch.cdiv(m, gradient.block_n), other, cuda, launch.max_gradient_splits(n, d))
+    assert other * splits >= sm_count
+    assert splits * n * d * launch.FLOAT32_BYTES <= launch.WORKSPACE_BYTES
+
+
+def test_column_workspace_is_bounded():
+    n = m = 65536
+    blocks = launch.row_blocks_per_launch(launch.cdiv(n, 128), m)
+    assert blocks * m * launch.FLOAT32_BYTES <= launch.WORKSPACE_BYTES and blocks >= 1
+
+
+def test_fp32_input_precision_follows_torch():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert launch.fp32_input_precision() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert launch.fp32_input_precision() == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_register_spills():
+    # The interpreter accepts code the GPU compiler rejects; compile for sm_90 (no GPU needed).
+    ptxas = os.path.join(os.path.dirname(pytest.importorskip("triton").__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is not available")
+    # Each fixed configuration shape: fused gradient (4 kernels) at D = 64, 512 and fp32 256, W in
+    # chunks (6 kernels) at D = 1000.
+    cases = ["fp16:64", "bf16:512", "fp32:256", "bf16:1000"]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "fused_losses.backends.triton.compile_check", *cases],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("spill stack 0 B") == 3 * 4 + 6, run.stdout
