@@ -8,10 +8,9 @@ benchmarks/results/cpu_clip_<date>.jsonl.
 """
 
 import argparse
-import json
 import pathlib
 
-from fused_losses.benchmarking import Case, environment, matmul_ms, measure
+from fused_losses.benchmarking import Sweep, run_sweep, write_records
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -23,29 +22,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--providers", nargs="+", default=["torch", "reference"])
     args = parser.parse_args()
-    env = environment()
-    floor = matmul_ms(args.n, args.n, args.d, "float32", "cpu")
-    print(f"{env['device']}, torch {env['torch']}: one {args.n}x{args.d}x{args.n} fp32 matmul "
-          f"{floor:.0f} ms", flush=True)
+    sweep = Sweep(("clip",), (args.n,), (args.d,), ("float32",), args.providers, "cpu",
+                  modes=("forward_backward",), repeats=args.repeats)
     records = {}
-    for provider in args.providers:
-        (record,) = measure(Case("clip", provider, args.n, args.n, args.d, "float32", "cpu"),
-                            modes=("forward_backward",), repeats=args.repeats)
-        record.update(matmul_ms=floor, **env)
-        records[provider] = record
-        print(f"{provider:<9} forward+backward median {record['median_ms']:8.0f} ms "
+    for record in run_sweep(sweep):
+        floor = record["matmul_ms"]
+        if not records:
+            print(f"{record['device']}, torch {record['torch']}: one {args.n}x{args.d}x{args.n} fp32 matmul "
+                  f"{floor:.0f} ms", flush=True)
+        records[record["provider"]] = record
+        if record["median_ms"] is None:
+            print(f"{record['provider']:<9} {record['error'] or 'out of memory'}", flush=True)
+            continue
+        print(f"{record['provider']:<9} forward+backward median {record['median_ms']:8.0f} ms "
               f"(p20 {record['p20_ms']:.0f}, p80 {record['p80_ms']:.0f}) = "
               f"{record['median_ms'] / floor:.2f}x matmul; peak extra "
               f"{record['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
-    if {"torch", "reference"} <= records.keys():
-        fast, slow = records["torch"], records["reference"]
+    fast, slow = records.get("torch"), records.get("reference")
+    if fast and slow and fast["median_ms"] and slow["median_ms"]:
         print(f"torch backend: {slow['median_ms'] / fast['median_ms']:.2f}x faster than the reference, "
               f"peak extra memory {fast['peak_mem_bytes'] / slow['peak_mem_bytes']:.1%} of the reference's")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cpu_clip_{env['date']}.jsonl"
-    with open(out, "a") as sink:
-        for record in records.values():
-            sink.write(json.dumps(record) + "\n")
+    out = RESULTS / f"cpu_clip_{next(iter(records.values()))['date']}.jsonl"
+    write_records(records.values(), str(out))
     print(f"appended to {out}")
 
 
