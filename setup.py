@@ -65,7 +65,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2.0", "matplotlib"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fused-losses=fused_losses.cli:main"]},

@@ -1,7 +1,7 @@
 """CPU micro-benchmarks of the torch backend (pytest-benchmark), small enough for CI:
 
-    python -m pytest benchmarks/test_cpu_micro.py --benchmark-max-time=0.2   # timings, grouped by loss
-    python -m pytest benchmarks/test_cpu_micro.py --benchmark-disable        # each step once, as a test
+    python -m pytest benchmarks/test_cpu_micro.py --benchmark-enable --benchmark-max-time=0.2   # timings
+    python -m pytest benchmarks/test_cpu_micro.py      # each step once, as a smoke test (pytest.ini)
 
 Each loss's forward, backward and forward+backward at N = M = 256, D = 64 in float32, next to the
 N x D x N matmul they are held to.

@@ -8,7 +8,9 @@ autograd differentiates them. Losses are returned in that statistics dtype.
 Common keyword arguments: ``normalize`` (L2-normalize the embeddings first, gradient taken through
 the normalization), ``reduction`` ("mean" | "sum" | "none"), ``backend`` ("auto" | "triton" |
 "cuda" | "torch"). Temperatures, scales and biases are floats or 0-d tensors; a tensor that
-requires grad gets one.
+requires grad gets one. The pair-scoring losses also take ``gather_distributed`` and
+``process_group``: this rank's rows against the keys of every rank, with the reductions and
+gradient semantics described in ``fused_losses.distributed``.
 """
 
 from __future__ import annotations
@@ -22,23 +24,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_losses import _validation as check
+from fused_losses import distributed
 from fused_losses.primitives import (
     DEFAULT_EPS, as_scalar_tensor, lse_statistics, softplus_statistics, statistics_dtype,
 )
 
 
-def _check_options(normalize: bool, reduction: str, backend: str) -> None:
+def _check_options(normalize: bool, reduction: str, backend: str, gather_distributed: bool = False,
+                   process_group=None) -> None:
     check.check_flag("normalize", normalize)
     check.check_reduction(reduction)
     check.check_backend(backend)
+    distributed.check_options(gather_distributed, process_group)
 
 
-def _reduce(per_item: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_item.mean()
-    if reduction == "sum":
-        return per_item.sum()
-    return per_item
+def _reduce(per_item: Tensor, reduction: str, world_size: int = 1,
+            global_count: Optional[int] = None) -> Tensor:
+    """Mean, sum or the items themselves. Over world_size > 1 ranks the mean and sum are scaled so
+    that their mean over the ranks is the mean (over ``global_count`` items) or sum of the global
+    batch (``fused_losses.distributed``)."""
+    if reduction == "none":
+        return per_item
+    if world_size == 1:
+        return per_item.mean() if reduction == "mean" else per_item.sum()
+    total = world_size * per_item.sum()
+    return total / global_count if reduction == "mean" else total
 
 
 def _embed(x: Tensor, normalize: bool) -> Tensor:
@@ -57,48 +67,83 @@ def _scale(name: str, value, like: Tensor) -> Tensor:
     return as_scalar_tensor(value, statistics_dtype(like.dtype), like.device)
 
 
-def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, v: Tensor, scale: Tensor,
-                            label_smoothing: float) -> Tensor:
-    """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - (e / M) sum_j S_ij."""
-    loss = lse - positive if label_smoothing == 0 else lse - (1 - label_smoothing) * positive
-    if label_smoothing > 0:
-        loss = loss - (label_smoothing / v.shape[0]) * scale * (u @ v.sum(dim=0))
-    return loss
+def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, keys: Tensor, normalize: bool,
+                            scale: Tensor, label_smoothing: float) -> Tensor:
+    """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - (e / M) sum_j S_ij, with
+    ``keys`` the M raw keys of the rows."""
+    if label_smoothing == 0:
+        return lse - positive
+    key_sum = _embed(keys, normalize).sum(dim=0)
+    return (lse - (1 - label_smoothing) * positive
+            - (label_smoothing / keys.shape[0]) * scale * (u @ key_sum))
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
-              label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto") -> Tensor:
+              label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
+              gather_distributed: bool = False, process_group=None) -> Tensor:
     """Symmetric InfoNCE of CLIP: 1/2 (cross-entropy over rows + over columns) of
     logit_scale * u @ v.T with pairs on the diagonal.
 
     image_features, text_features: (N, D). logit_scale: already exponentiated (> 0). On normalized
     inputs with normalize=False this equals open_clip's ClipLoss. reduction="none" gives (N,):
-    1/2 (row loss_i + column loss_i).
+    1/2 (row loss_i + column loss_i). gather_distributed: this rank's images against every rank's
+    texts and its texts against every rank's images (open_clip's local loss, with gradients).
     """
     check.check_compatible("image_features", image_features, "text_features", text_features,
                            same_rows=True)
-    _check_options(normalize, reduction, backend)
+    _check_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_label_smoothing(label_smoothing)
     scale = _scale("logit_scale", logit_scale, image_features)
-    lse_row, lse_col = lse_statistics(image_features, text_features, scale, rows=True, cols=True,
+    if distributed.world_size(gather_distributed, process_group) == 1:
+        all_images, all_texts, world_size = image_features, text_features, 1
+        lse_image, lse_text = lse_statistics(image_features, text_features, scale, rows=True,
+                                             cols=True, normalize=normalize, backend=backend)
+    else:
+        # One collective for both sides: the pairs gathered as rows [image | text].
+        pairs = distributed.gather_rows(torch.cat([image_features, text_features], dim=1),
+                                        process_group=process_group)
+        all_images, all_texts = pairs.rows.split(image_features.shape[1], dim=1)
+        world_size = pairs.world_size
+        lse_image, _ = lse_statistics(image_features, all_texts, scale, rows=True, cols=False,
                                       normalize=normalize, backend=backend)
+        lse_text, _ = lse_statistics(text_features, all_images, scale, rows=True, cols=False,
+                                     normalize=normalize, backend=backend)
     u, v = _embed(image_features, normalize), _embed(text_features, normalize)
     positive = scale * (u * v).sum(dim=1)
-    row_loss = _smoothed_cross_entropy(lse_row, positive, u, v, scale, label_smoothing)
-    col_loss = _smoothed_cross_entropy(lse_col, positive, v, u, scale, label_smoothing)
-    return _reduce(0.5 * (row_loss + col_loss), reduction)
+    image_loss = _smoothed_cross_entropy(lse_image, positive, u, all_texts, normalize, scale,
+                                         label_smoothing)
+    text_loss = _smoothed_cross_entropy(lse_text, positive, v, all_images, normalize, scale,
+                                        label_smoothing)
+    return _reduce(0.5 * (image_loss + text_loss), reduction, world_size, all_images.shape[0])
+
+
+def _info_nce_per_query(query, keys, scale, targets, label_smoothing, normalize, backend,
+                        gather_distributed, process_group):
+    """Per-query losses (N,) against the (gathered) keys, the world size and the global number of
+    queries; arguments already checked."""
+    gathered = distributed.gather_rows(keys, gather_distributed, process_group)
+    lse_row, _ = lse_statistics(query, gathered.rows, scale, rows=True, cols=False,
+                                normalize=normalize, backend=backend)
+    u = _embed(query, normalize)
+    positive_keys = keys[: query.shape[0]] if targets is None else keys[targets]
+    positive = scale * (u * _embed(positive_keys, normalize)).sum(dim=1)
+    per_query = _smoothed_cross_entropy(lse_row, positive, u, gathered.rows, normalize, scale,
+                                        label_smoothing)
+    global_queries = distributed.global_row_count(query, gathered.world_size > 1, process_group)
+    return per_query, gathered.world_size, global_queries
 
 
 def info_nce(query: Tensor, keys: Tensor, temperature=0.07, *, targets: Optional[Tensor] = None,
              label_smoothing: float = 0.0, normalize: bool = True, reduction: str = "mean",
-             backend: str = "auto") -> Tensor:
+             backend: str = "auto", gather_distributed: bool = False, process_group=None) -> Tensor:
     """One-way InfoNCE: F.cross_entropy(u @ v.T / temperature, targets, label_smoothing, reduction).
 
     query: (N, D); keys: (M, D), M may exceed N (extra negatives, a queue). targets: (N,) integer
-    indices into keys, default arange(N) (then M >= N is required).
+    indices into keys, default arange(N) (then M >= N is required). gather_distributed: this
+    rank's queries against every rank's keys; targets still index this rank's keys.
     """
     check.check_compatible("query", query, "keys", keys, same_rows=False)
-    _check_options(normalize, reduction, backend)
+    _check_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_label_smoothing(label_smoothing)
     n, m = query.shape[0], keys.shape[0]
     if targets is None:
@@ -108,31 +153,33 @@ def info_nce(query: Tensor, keys: Tensor, temperature=0.07, *, targets: Optional
     else:
         check.check_class_indices("targets", targets, n, query.device, num_classes=m)
     scale = _inverse_temperature("temperature", temperature, query)
-    lse_row, _ = lse_statistics(query, keys, scale, rows=True, cols=False, normalize=normalize,
-                                backend=backend)
-    u, v = _embed(query, normalize), _embed(keys, normalize)
-    positive_keys = v[:n] if targets is None else v[targets]
-    positive = scale * (u * positive_keys).sum(dim=1)
-    return _reduce(_smoothed_cross_entropy(lse_row, positive, u, v, scale, label_smoothing), reduction)
+    per_query, world_size, global_queries = _info_nce_per_query(
+        query, keys, scale, targets, label_smoothing, normalize, backend, gather_distributed,
+        process_group)
+    return _reduce(per_query, reduction, world_size, global_queries)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
-            reduction: str = "mean", backend: str = "auto") -> Tensor:
+            reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+            process_group=None) -> Tensor:
     """SimCLR's NT-Xent over the 2N views Z = cat([z1, z2]): each view's positive is its partner,
     its negatives all other 2N - 2 views (self excluded).
 
-    z1, z2: (N, D). reduction="none" gives (2N,) in the order of Z.
+    z1, z2: (N, D). reduction="none" gives (2N,) in the order of Z. gather_distributed: this
+    rank's 2N views against the views of every rank (pairs never span ranks).
     """
     check.check_compatible("z1", z1, "z2", z2, same_rows=True)
-    _check_options(normalize, reduction, backend)
+    _check_options(normalize, reduction, backend, gather_distributed, process_group)
     scale = _inverse_temperature("temperature", temperature, z1)
     views = torch.cat([z1, z2])
-    lse_row, _ = lse_statistics(views, views, scale, rows=True, cols=False, normalize=normalize,
-                                diag_offset=0, backend=backend)
+    # Gathered rank by rank, every rank's views sit contiguously: self is at the rank's offset.
+    all_views = distributed.gather_rows(views, gather_distributed, process_group)
+    lse_row, _ = lse_statistics(views, all_views.rows, scale, rows=True, cols=False,
+                                normalize=normalize, diag_offset=all_views.offset, backend=backend)
     u = _embed(views, normalize)
     partners = torch.cat([u[z1.shape[0]:], u[: z1.shape[0]]])
     positive = scale * (u * partners).sum(dim=1)
-    return _reduce(lse_row - positive, reduction)
+    return _reduce(lse_row - positive, reduction, all_views.world_size, all_views.rows.shape[0])
 
 
 def _class_sums(u: Tensor, labels: Tensor):
@@ -149,72 +196,89 @@ def _class_sums(u: Tensor, labels: Tensor):
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature=0.1, *, normalize: bool = True,
-                reduction: str = "mean", backend: str = "auto") -> Tensor:
+                reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                process_group=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020; pytorch-metric-learning's SupConLoss):
 
         loss_i = lse_{a != i} S_ia - mean_{p != i, y_p = y_i} S_ip
 
     features: (N, D); labels: (N,) integers. Anchors without a positive do not count: "none" gives
-    0 for them, "mean" averages over the others (0 when there are none).
+    0 for them, "mean" averages over the others (0 when there are none). gather_distributed: this
+    rank's anchors against the features and labels of every rank.
     """
     check.check_embeddings("features", features)
-    _check_options(normalize, reduction, backend)
+    _check_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_class_indices("labels", labels, features.shape[0], features.device)
     scale = _inverse_temperature("temperature", temperature, features)
-    lse_row, _ = lse_statistics(features, features, scale, rows=True, cols=False,
-                                normalize=normalize, diag_offset=0, backend=backend)
-    u = _embed(features, normalize)
-    class_sum, class_size = _class_sums(u, labels)
+    gathered = distributed.gather_rows(features, gather_distributed, process_group)
+    all_labels = distributed.gather_rows(labels, gather_distributed, process_group,
+                                         counts=gathered.row_counts).rows
+    lse_row, _ = lse_statistics(features, gathered.rows, scale, rows=True, cols=False,
+                                normalize=normalize, diag_offset=gathered.offset, backend=backend)
+    all_u = _embed(gathered.rows, normalize)
+    class_sum, class_size = _class_sums(all_u, all_labels)
+    anchors = slice(gathered.offset, gathered.offset + features.shape[0])
+    u = all_u[anchors]
     positives = class_size - 1
     has_positive = positives > 0
-    positive_mean = scale * (u * (class_sum - u)).sum(dim=1) / positives.clamp(min=1)
-    per_anchor = torch.where(has_positive, lse_row - positive_mean, torch.zeros_like(lse_row))
+    positive_mean = (scale * (u * (class_sum[anchors] - u)).sum(dim=1)
+                     / positives[anchors].clamp(min=1))
+    per_anchor = torch.where(has_positive[anchors], lse_row - positive_mean,
+                             torch.zeros_like(lse_row))
     if reduction == "mean":
-        return per_anchor.sum() / has_positive.sum().clamp(min=1)
-    return _reduce(per_anchor, reduction)
+        return gathered.world_size * per_anchor.sum() / has_positive.sum().clamp(min=1)
+    return _reduce(per_anchor, reduction, gathered.world_size)
 
 
 def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature=1.0, normalize: bool = True,
-                l2_reg: float = 0.0, reduction: str = "mean", backend: str = "auto") -> Tensor:
+                l2_reg: float = 0.0, reduction: str = "mean", backend: str = "auto",
+                gather_distributed: bool = False, process_group=None) -> Tensor:
     """Multi-class N-pair loss (Sohn, NIPS 2016): per anchor, cross-entropy of its similarities to
     all positives with its own as target, plus l2_reg * (|a_i|^2 + |p_i|^2) on the raw embeddings.
 
     anchors, positives: (N, D). With the defaults this equals pytorch-metric-learning's NPairsLoss
     on cat([anchors, positives]) with labels arange(N) repeated; normalize=False with l2_reg > 0 is
-    Sohn's inner-product form.
+    Sohn's inner-product form. gather_distributed: this rank's anchors against every rank's
+    positives.
     """
     if isinstance(l2_reg, bool) or not isinstance(l2_reg, numbers.Real) or not (
             math.isfinite(l2_reg) and l2_reg >= 0):
         raise ValueError(f"l2_reg must be a finite float >= 0, got {l2_reg!r}")
     check.check_compatible("anchors", anchors, "positives", positives, same_rows=True)
-    per_anchor = info_nce(anchors, positives, temperature, normalize=normalize, reduction="none",
-                          backend=backend)
+    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    scale = _inverse_temperature("temperature", temperature, anchors)
+    per_anchor, world_size, global_anchors = _info_nce_per_query(
+        anchors, positives, scale, None, 0.0, normalize, backend, gather_distributed, process_group)
     if l2_reg > 0:
         squared_norms = (_embed(anchors, False).square().sum(dim=1)
                          + _embed(positives, False).square().sum(dim=1))
         per_anchor = per_anchor + l2_reg * squared_norms
-    return _reduce(per_anchor, reduction)
+    return _reduce(per_anchor, reduction, world_size, global_anchors)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
-                normalize: bool = True, reduction: str = "mean", backend: str = "auto") -> Tensor:
+                normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                gather_distributed: bool = False, process_group=None) -> Tensor:
     """SigLIP's pairwise sigmoid loss: sum_ij -logsigmoid(l_ij (scale u_i . v_j + bias)) with
     l_ii = 1 and l_ij = -1 otherwise, divided by N for "mean" (open_clip's SigLipLoss).
 
     image_features, text_features: (N, D). reduction="none" gives the (N,) row sums.
+    gather_distributed: this rank's images against every rank's texts (open_clip's SigLipLoss
+    exchanges the texts between neighbours to the same effect).
     """
     check.check_compatible("image_features", image_features, "text_features", text_features,
                            same_rows=True)
-    _check_options(normalize, reduction, backend)
+    _check_options(normalize, reduction, backend, gather_distributed, process_group)
     scale = _scale("logit_scale", logit_scale, image_features)
     check.check_finite_scalar("logit_bias", logit_bias, image_features.device)
     bias = as_scalar_tensor(logit_bias, scale.dtype, image_features.device)
-    softplus_row = softplus_statistics(image_features, text_features, scale, bias,
+    all_texts = distributed.gather_rows(text_features, gather_distributed, process_group)
+    softplus_row = softplus_statistics(image_features, all_texts.rows, scale, bias,
                                        normalize=normalize, backend=backend)
     u, v = _embed(image_features, normalize), _embed(text_features, normalize)
     # -logsigmoid(z) = softplus(-z) = softplus(z) - z: the positive pair's softplus is in the sum.
     per_row = softplus_row - (scale * (u * v).sum(dim=1) + bias)
-    return _reduce(per_row, reduction)
+    return _reduce(per_row, reduction, all_texts.world_size, all_texts.rows.shape[0])
 
 
 def cosine_embedding_loss(x1: Tensor, x2: Tensor, target: Tensor, margin: float = 0.0,

@@ -1,6 +1,10 @@
 """nn.Module front-ends of ``fused_losses.functional``: options in the constructor, tensors in
 forward. ClipLoss and SigLipLoss can own the learnable logit scale (and bias) the way CLIP and
 SigLIP train them, so a model needs no extra code for it.
+
+The pair-scoring losses take ``gather_distributed`` and ``process_group`` (see
+``fused_losses.distributed``): under DDP, each rank's loss scores its rows against every rank's
+and the averaged gradients equal those of the loss on the global batch.
 """
 
 from __future__ import annotations
@@ -53,18 +57,21 @@ class ClipLoss(nn.Module):
 
     def __init__(self, *, learn_logit_scale: bool = False, init_logit_scale: float = 1 / 0.07,
                  max_logit_scale: float = 100.0, normalize: bool = True,
-                 label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+                 label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False, process_group=None):
         super().__init__()
         self.learnable_logit_scale = (
             _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
         self.normalize, self.label_smoothing = normalize, label_smoothing
         self.reduction, self.backend = reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, image_features: Tensor, text_features: Tensor,
                 logit_scale: Optional[Tensor] = None) -> Tensor:
         return functional.clip_loss(
             image_features, text_features, _scale_from(self, logit_scale), normalize=self.normalize,
-            label_smoothing=self.label_smoothing, reduction=self.reduction, backend=self.backend)
+            label_smoothing=self.label_smoothing, reduction=self.reduction, backend=self.backend,
+            gather_distributed=self.gather_distributed, process_group=self.process_group)
 
 
 class SigLipLoss(nn.Module):
@@ -77,12 +84,14 @@ class SigLipLoss(nn.Module):
 
     def __init__(self, *, learn_logit_scale: bool = False, init_logit_scale: float = 10.0,
                  init_logit_bias: float = -10.0, max_logit_scale: float = 100.0,
-                 normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False, process_group=None):
         super().__init__()
         self.learnable_logit_scale = (
             _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if learn_logit_scale else None
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, image_features: Tensor, text_features: Tensor,
                 logit_scale: Optional[Tensor] = None, logit_bias: Optional[Tensor] = None) -> Tensor:
@@ -94,7 +103,9 @@ class SigLipLoss(nn.Module):
             raise ValueError("forward needs logit_bias (or build the loss with learn_logit_scale=True)")
         return functional.siglip_loss(image_features, text_features, scale, bias,
                                       normalize=self.normalize, reduction=self.reduction,
-                                      backend=self.backend)
+                                      backend=self.backend,
+                                      gather_distributed=self.gather_distributed,
+                                      process_group=self.process_group)
 
 
 class InfoNCELoss(nn.Module):
@@ -104,58 +115,72 @@ class InfoNCELoss(nn.Module):
     """
 
     def __init__(self, temperature=0.07, *, label_smoothing: float = 0.0, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 process_group=None):
         super().__init__()
         self.temperature, self.label_smoothing = temperature, label_smoothing
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, query: Tensor, keys: Tensor, targets: Optional[Tensor] = None) -> Tensor:
         return functional.info_nce(query, keys, self.temperature, targets=targets,
                                    label_smoothing=self.label_smoothing, normalize=self.normalize,
-                                   reduction=self.reduction, backend=self.backend)
+                                   reduction=self.reduction, backend=self.backend,
+                                   gather_distributed=self.gather_distributed,
+                                   process_group=self.process_group)
 
 
 class NTXentLoss(nn.Module):
     """SimCLR's NT-Xent (``functional.nt_xent``); forward(z1, z2) with the two views' embeddings."""
 
     def __init__(self, temperature=0.5, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", gather_distributed: bool = False, process_group=None):
         super().__init__()
         self.temperature, self.normalize = temperature, normalize
         self.reduction, self.backend = reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return functional.nt_xent(z1, z2, self.temperature, normalize=self.normalize,
-                                  reduction=self.reduction, backend=self.backend)
+                                  reduction=self.reduction, backend=self.backend,
+                                  gather_distributed=self.gather_distributed,
+                                  process_group=self.process_group)
 
 
 class SupConLoss(nn.Module):
     """Supervised contrastive loss (``functional.supcon_loss``); forward(features, labels)."""
 
     def __init__(self, temperature=0.1, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", gather_distributed: bool = False, process_group=None):
         super().__init__()
         self.temperature, self.normalize = temperature, normalize
         self.reduction, self.backend = reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         return functional.supcon_loss(features, labels, self.temperature, normalize=self.normalize,
-                                      reduction=self.reduction, backend=self.backend)
+                                      reduction=self.reduction, backend=self.backend,
+                                      gather_distributed=self.gather_distributed,
+                                      process_group=self.process_group)
 
 
 class NPairsLoss(nn.Module):
     """Multi-class N-pair loss (``functional.npairs_loss``); forward(anchors, positives)."""
 
     def __init__(self, *, temperature=1.0, normalize: bool = True, l2_reg: float = 0.0,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 process_group=None):
         super().__init__()
         self.temperature, self.normalize, self.l2_reg = temperature, normalize, l2_reg
         self.reduction, self.backend = reduction, backend
+        self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, anchors: Tensor, positives: Tensor) -> Tensor:
         return functional.npairs_loss(anchors, positives, temperature=self.temperature,
                                       normalize=self.normalize, l2_reg=self.l2_reg,
-                                      reduction=self.reduction, backend=self.backend)
+                                      reduction=self.reduction, backend=self.backend,
+                                      gather_distributed=self.gather_distributed,
+                                      process_group=self.process_group)
 
 
 class CosineEmbeddingLoss(nn.Module):

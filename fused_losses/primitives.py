@@ -1,4 +1,4 @@
-"""The two similarity primitives (DESIGN.md section 2) as autograd Functions over any backend.
+"""The two similarity primitives (DESIGN.md section 2), differentiable, over any backend.
 
     similarity_lse(q, k, scale)            -> (lse_row (N,) or None, lse_col (M,) or None)
     similarity_softplus(q, k, scale, bias) -> sp_row (N,)
@@ -12,10 +12,14 @@ the chain rule through the normalization and the gradient of the scale,
 
     dq_i = r_i (U_i - u_i (u_i . U_i))   (|q_i| > eps; else r_i U_i)
     d scale = (1 / scale) sum_i u_i . U_i
+
+Forward and backward kernels are torch.library custom ops (``torch.ops.fused_losses.*``) with
+fake implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)``
+captures a model ending in any loss of the package without a graph break.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": torch.library.custom_op reads the annotations as
+# types, and older torch releases cannot resolve them from strings.
 from typing import Optional, Tuple
 
 import torch
@@ -64,63 +68,134 @@ def _grad_scale(scale: Tensor, radial_sum: Tensor) -> Tensor:
     return radial_sum / scale
 
 
-class _SimilarityLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, scale, kernels, normalize, eps, diag_offset, want_rows, want_cols):
-        dtype = statistics_dtype(q.dtype)
-        inv_norm_q = _inverse_norms(q, normalize, eps, dtype)
-        inv_norm_k = _inverse_norms(k, normalize, eps, dtype)
-        lse_row, lse_col = kernels.lse_forward(
-            q, k, inv_norm_q, inv_norm_k, scale, diag_offset, want_rows, want_cols)
-        ctx.save_for_backward(q, k, scale, inv_norm_q, inv_norm_k, lse_row, lse_col)
-        ctx.options = (kernels, normalize, eps, diag_offset)
-        return lse_row, lse_col
-
-    @staticmethod
-    def backward(ctx, grad_row, grad_col):
-        q, k, scale, inv_norm_q, inv_norm_k, lse_row, lse_col = ctx.saved_tensors
-        kernels, normalize, eps, diag_offset = ctx.options
-        if lse_row is None:
-            grad_row = None
-        if lse_col is None:
-            grad_col = None
-        if grad_row is not None:
-            grad_row = grad_row.to(inv_norm_q.dtype).contiguous()
-        if grad_col is not None:
-            grad_col = grad_col.to(inv_norm_q.dtype).contiguous()
-        if grad_row is None and grad_col is None:
-            return (None,) * 9
-        grad_u, grad_v = kernels.lse_backward(
-            q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col)
-        grad_q, radial_sum = _input_grad(q, inv_norm_q, grad_u, normalize, eps)
-        grad_k, _ = _input_grad(k, inv_norm_k, grad_v, normalize, eps)
-        grad_scale = _grad_scale(scale, radial_sum) if ctx.needs_input_grad[2] else None
-        return grad_q, grad_k, grad_scale, None, None, None, None, None, None
+def _stats_or_empty(stats: Optional[Tensor], like: Tensor) -> Tensor:
+    """A custom op returns tensors only: an unrequested direction comes back as an empty tensor."""
+    if stats is not None:
+        return stats
+    return like.new_empty(0, dtype=statistics_dtype(like.dtype))
 
 
-class _SimilaritySoftplus(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, scale, bias, kernels, normalize, eps, diag_offset):
-        dtype = statistics_dtype(q.dtype)
-        inv_norm_q = _inverse_norms(q, normalize, eps, dtype)
-        inv_norm_k = _inverse_norms(k, normalize, eps, dtype)
-        sp_row = kernels.softplus_forward(q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset)
-        ctx.save_for_backward(q, k, scale, bias, inv_norm_q, inv_norm_k)
-        ctx.options = (kernels, normalize, eps, diag_offset)
-        return sp_row
+def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float):
+    dtype = statistics_dtype(q.dtype)
+    return _inverse_norms(q, normalize, eps, dtype), _inverse_norms(k, normalize, eps, dtype)
 
-    @staticmethod
-    def backward(ctx, grad_row):
-        q, k, scale, bias, inv_norm_q, inv_norm_k = ctx.saved_tensors
-        kernels, normalize, eps, diag_offset = ctx.options
-        grad_row = grad_row.to(inv_norm_q.dtype).contiguous()
-        grad_u, grad_v, grad_bias = kernels.softplus_backward(
-            q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row)
-        grad_q, radial_sum = _input_grad(q, inv_norm_q, grad_u, normalize, eps)
-        grad_k, _ = _input_grad(k, inv_norm_k, grad_v, normalize, eps)
-        grad_scale = _grad_scale(scale, radial_sum) if ctx.needs_input_grad[2] else None
-        grad_bias = grad_bias if ctx.needs_input_grad[3] else None
-        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None
+
+# The primitives are torch.library custom ops, so torch.compile treats them as single opaque
+# nodes (shapes from the fake implementations) and traces the O((N + M) D) chain rule of their
+# backward. The backend is named by a string and resolved inside the op, where the kernels run.
+# A custom op saves only its inputs and outputs for backward, so the inverse norms are computed
+# again there (O((N + M) D), like the chain rule).
+
+
+@torch.library.custom_op("fused_losses::similarity_lse", mutates_args=())
+def _lse_op(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float,
+            diag_offset: Optional[int], rows: bool, cols: bool, backend: str,
+            chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """(lse_row (N,), lse_col (M,)); a direction not asked for is an empty tensor."""
+    inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
+    lse_row, lse_col = _kernels(backend, q.device, chunk_size).lse_forward(
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, rows, cols)
+    return _stats_or_empty(lse_row, q), _stats_or_empty(lse_col, q)
+
+
+@_lse_op.register_fake
+def _(q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size):
+    dtype = statistics_dtype(q.dtype)
+    return (q.new_empty(q.shape[0] if rows else 0, dtype=dtype),
+            q.new_empty(k.shape[0] if cols else 0, dtype=dtype))
+
+
+@torch.library.custom_op("fused_losses::similarity_lse_backward", mutates_args=())
+def _lse_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+                     diag_offset: Optional[int], lse_row: Optional[Tensor],
+                     lse_col: Optional[Tensor], grad_row: Optional[Tensor],
+                     grad_col: Optional[Tensor], backend: str,
+                     chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """(U = dL/du (N, D), V = dL/dv (M, D)) of the backend contract."""
+    return _kernels(backend, q.device, chunk_size).lse_backward(
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col)
+
+
+@_lse_backward_op.register_fake
+def _(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col,
+      backend, chunk_size):
+    dtype = inv_norm_q.dtype
+    return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
+
+
+def _lse_setup_context(ctx, inputs, output):
+    q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size = inputs
+    ctx.save_for_backward(q, k, scale, *output)
+    ctx.options = (normalize, eps, diag_offset, rows, cols, backend, chunk_size)
+
+
+def _lse_backward(ctx, grad_row, grad_col):
+    q, k, scale, lse_row, lse_col = ctx.saved_tensors
+    normalize, eps, diag_offset, rows, cols, backend, chunk_size = ctx.options
+    inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
+    dtype = inv_norm_q.dtype
+    grad_u, grad_v = _lse_backward_op(
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row if rows else None,
+        lse_col if cols else None, grad_row.to(dtype).contiguous() if rows else None,
+        grad_col.to(dtype).contiguous() if cols else None, backend, chunk_size)
+    grad_q, radial_sum = _input_grad(q, inv_norm_q, grad_u, normalize, eps)
+    grad_k, _ = _input_grad(k, inv_norm_k, grad_v, normalize, eps)
+    return (grad_q, grad_k, _grad_scale(scale, radial_sum)) + (None,) * 7
+
+
+_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup_context)
+
+
+@torch.library.custom_op("fused_losses::similarity_softplus", mutates_args=())
+def _softplus_op(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, normalize: bool, eps: float,
+                 diag_offset: Optional[int], backend: str, chunk_size: Optional[int]) -> Tensor:
+    """sp_row (N,)."""
+    inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
+    return _kernels(backend, q.device, chunk_size).softplus_forward(
+        q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset)
+
+
+@_softplus_op.register_fake
+def _(q, k, scale, bias, normalize, eps, diag_offset, backend, chunk_size):
+    return q.new_empty(q.shape[0], dtype=statistics_dtype(q.dtype))
+
+
+@torch.library.custom_op("fused_losses::similarity_softplus_backward", mutates_args=())
+def _softplus_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor,
+                          scale: Tensor, bias: Tensor, diag_offset: Optional[int],
+                          grad_row: Tensor, backend: str,
+                          chunk_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(U (N, D), V (M, D), grad_bias 0-d) of the backend contract."""
+    return _kernels(backend, q.device, chunk_size).softplus_backward(
+        q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row)
+
+
+@_softplus_backward_op.register_fake
+def _(q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row, backend, chunk_size):
+    dtype = inv_norm_q.dtype
+    return (q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype),
+            bias.new_empty(()))
+
+
+def _softplus_setup_context(ctx, inputs, output):
+    q, k, scale, bias, normalize, eps, diag_offset, backend, chunk_size = inputs
+    ctx.save_for_backward(q, k, scale, bias)
+    ctx.options = (normalize, eps, diag_offset, backend, chunk_size)
+
+
+def _softplus_backward(ctx, grad_row):
+    q, k, scale, bias = ctx.saved_tensors
+    normalize, eps, diag_offset, backend, chunk_size = ctx.options
+    inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
+    grad_u, grad_v, grad_bias = _softplus_backward_op(
+        q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset,
+        grad_row.to(inv_norm_q.dtype).contiguous(), backend, chunk_size)
+    grad_q, radial_sum = _input_grad(q, inv_norm_q, grad_u, normalize, eps)
+    grad_k, _ = _input_grad(k, inv_norm_k, grad_v, normalize, eps)
+    return (grad_q, grad_k, _grad_scale(scale, radial_sum), grad_bias) + (None,) * 5
+
+
+_softplus_op.register_autograd(_softplus_backward, setup_context=_softplus_setup_context)
 
 
 def _check_common(q, k, normalize, eps, diag_offset, backend, chunk_size) -> None:
@@ -132,13 +207,14 @@ def _check_common(q, k, normalize, eps, diag_offset, backend, chunk_size) -> Non
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and backend not in ("torch", "auto"):
+        raise ValueError(f"chunk_size applies to backend='torch' only, got backend={backend!r}")
 
 
 def _kernels(backend: str, device: torch.device, chunk_size: Optional[int]):
+    """The kernels of ``backend`` ("auto" or a name); chunk_size selects the torch backend."""
     if chunk_size is None:
         return get_kernels(backend, device)
-    if backend not in ("torch", "auto"):
-        raise ValueError(f"chunk_size applies to backend='torch' only, got backend={backend!r}")
     return get_kernels("torch", device, chunk_size=chunk_size)
 
 
@@ -188,12 +264,12 @@ def similarity_softplus(
 def lse_statistics(q, k, scale: Tensor, *, rows, cols, normalize, diag_offset=None,
                    eps=DEFAULT_EPS, backend="auto", chunk_size=None):
     """``similarity_lse`` on arguments already checked, with ``scale`` a 0-d statistics tensor."""
-    kernels = _kernels(backend, q.device, chunk_size)
-    return _SimilarityLSE.apply(q, k, scale, kernels, normalize, eps, diag_offset, rows, cols)
+    lse_row, lse_col = _lse_op(q, k, scale, normalize, float(eps), diag_offset, rows, cols, backend,
+                               chunk_size)
+    return (lse_row if rows else None), (lse_col if cols else None)
 
 
 def softplus_statistics(q, k, scale: Tensor, bias: Tensor, *, normalize, diag_offset=None,
                         eps=DEFAULT_EPS, backend="auto", chunk_size=None):
     """``similarity_softplus`` on checked arguments; ``scale``, ``bias``: 0-d statistics tensors."""
-    kernels = _kernels(backend, q.device, chunk_size)
-    return _SimilaritySoftplus.apply(q, k, scale, bias, kernels, normalize, eps, diag_offset)
+    return _softplus_op(q, k, scale, bias, normalize, float(eps), diag_offset, backend, chunk_size)

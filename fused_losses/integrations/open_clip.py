@@ -1,0 +1,124 @@
+"""open_clip's ClipLoss and SigLipLoss (open_clip/loss.py, open_clip_torch 3.x), fused.
+
+    from fused_losses.integrations.open_clip import ClipLoss, SigLipLoss
+
+Same constructors, ``forward(image_features, text_features, logit_scale, logit_bias, output_dict)``
+and values, distributed included. Like open_clip, the features are used as given (normalize them
+in the model) and ``logit_scale`` is already exponentiated. Gathering goes through
+torch.distributed (``rank`` and ``world_size`` must match its default group); horovod is not
+supported. Unlike open_clip, ranks may hold different batch sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fused_losses import distributed, functional
+
+
+def _check_world(rank: int, world_size: int) -> None:
+    """``rank`` / ``world_size`` as given to open_clip's losses must be torch.distributed's."""
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized or (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        actual = (f"rank {dist.get_rank()} of world_size {dist.get_world_size()}" if initialized
+                  else "torch.distributed not initialized")
+        raise ValueError(f"rank={rank} and world_size={world_size} must match the default "
+                         f"torch.distributed process group, got {actual}")
+
+
+def _as_output(loss: Tensor, output_dict: bool):
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+class ClipLoss(nn.Module):
+    """open_clip.loss.ClipLoss: CLIP's symmetric cross-entropy, fused.
+
+    With world_size > 1, as in open_clip:
+      local_loss=True, gather_with_grad=True: this rank's rows against every rank's (the fused
+        distributed loss; see fused_losses.distributed for the gradient semantics).
+      local_loss=True, gather_with_grad=False: the same against gathered copies that carry no
+        gradient (this rank's own copy included), so each feature gets the gradient of its own
+        row only.
+      local_loss=False: the loss of the whole global batch on every rank; the gathered features
+        carry gradients if gather_with_grad, else only this rank's own rows do.
+    cache_labels has nothing to cache here. logit_bias shifts every logit of a row by the same
+    amount, which cross-entropy ignores: it is accepted and has no effect (as in open_clip).
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported: fused_losses gathers with "
+                             "torch.distributed (NCCL or gloo); pass use_horovod=False")
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias: Optional[Tensor] = None, output_dict: bool = False):
+        loss = self._contrastive_loss(image_features, text_features, logit_scale)
+        return _as_output(loss, output_dict)
+
+    def _contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale):
+        if self.world_size == 1:
+            return functional.clip_loss(image_features, text_features, logit_scale,
+                                        normalize=False, backend=self.backend)
+        _check_world(self.rank, self.world_size)
+        if self.local_loss and self.gather_with_grad:
+            return functional.clip_loss(image_features, text_features, logit_scale,
+                                        normalize=False, backend=self.backend,
+                                        gather_distributed=True)
+        pairs = torch.cat([image_features, text_features], dim=1)
+        gathered = distributed.gather_rows(pairs if self.gather_with_grad else pairs.detach())
+        rows, offset = gathered.rows, gathered.offset
+        if self.local_loss:
+            all_images, all_texts = rows.split(image_features.shape[1], dim=1)
+            targets = torch.arange(offset, offset + pairs.shape[0], device=pairs.device)
+            temperature = 1 / logit_scale
+            return 0.5 * (
+                functional.info_nce(image_features, all_texts, temperature, targets=targets,
+                                    normalize=False, backend=self.backend)
+                + functional.info_nce(text_features, all_images, temperature, targets=targets,
+                                      normalize=False, backend=self.backend))
+        if not self.gather_with_grad:
+            rows = torch.cat([rows[:offset], pairs, rows[offset + pairs.shape[0]:]])
+        all_images, all_texts = rows.split(image_features.shape[1], dim=1)
+        return functional.clip_loss(all_images, all_texts, logit_scale, normalize=False,
+                                    backend=self.backend)
+
+
+class SigLipLoss(nn.Module):
+    """open_clip.loss.SigLipLoss: SigLIP's pairwise sigmoid loss, fused.
+
+    With world_size > 1 every dist_impl ('bidir', 'shift', 'reduce', 'gather') gives the same
+    numbers in open_clip; here the texts of all ranks are gathered once (with gradients) and this
+    rank's images are scored against them. cache_labels has nothing to cache here.
+    """
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, backend: str = "auto"):
+        super().__init__()
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in self.DIST_IMPLS:
+            raise ValueError(f"dist_impl must be None or one of {self.DIST_IMPLS}, "
+                             f"got {dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl, self.backend = dist_impl, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        if self.world_size > 1:
+            _check_world(self.rank, self.world_size)
+        loss = functional.siglip_loss(
+            image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
+            normalize=False, backend=self.backend, gather_distributed=self.world_size > 1)
+        return _as_output(loss, output_dict)
