@@ -213,14 +213,19 @@ def time_ms(run: Callable[[], object], device: torch.device, *, warmup: int = 1,
 
 
 def matmul_ms(n: int, m: int, d: int, dtype: str, device: str, repeats: int = 5,
-              budget_ms: float = 0.0) -> float:
-    """Median milliseconds of one (n, d) @ (d, m) matmul in ``dtype`` on ``device``."""
+              budget_ms: float = 0.0, allocating: bool = False) -> float:
+    """Median milliseconds of one (n, d) @ (d, m) matmul in ``dtype`` on ``device``: into a
+    preallocated output (the compute floor), or, with ``allocating``, as a plain ``a @ b.T`` that
+    allocates its output each call (on the CPU that adds the page faults of a fresh N x M buffer)."""
     dev = torch.device(device)
     a = torch.randn(n, d, device=dev).to(DTYPES[dtype])
     b = torch.randn(m, d, device=dev).to(DTYPES[dtype])
-    product = torch.empty(n, m, device=dev, dtype=DTYPES[dtype])
-    return time_ms(lambda: torch.mm(a, b.T, out=product), dev, repeats=repeats,
-                   budget_ms=budget_ms)["median_ms"]
+    if allocating:
+        run = lambda: a @ b.T  # noqa: E731
+    else:
+        product = torch.empty(n, m, device=dev, dtype=DTYPES[dtype])
+        run = lambda: torch.mm(a, b.T, out=product)  # noqa: E731
+    return time_ms(run, dev, repeats=repeats, budget_ms=budget_ms)["median_ms"]
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -160,3 +160,25 @@ def test_inputs_not_modified_and_strided_inputs_work():
     assert torch.equal(q, before[0]) and torch.equal(k, before[1])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("always_recompute_columns", [False, True])
+@pytest.mark.parametrize("never_share_exponentials", [False, True])
+@pytest.mark.parametrize("scale", [3.0, 300.0])
+def test_torch_backend_exact_fallbacks(monkeypatch, always_recompute_columns, never_share_exponentials, scale):
+    """The one-exponential fast paths and their exact fallbacks agree with dense float64."""
+    from fused_losses.backends import torch_tiled
+    if always_recompute_columns:
+        monkeypatch.setattr(torch_tiled, "_TRUSTED_SUM", float("inf"))
+    if never_share_exponentials:
+        monkeypatch.setattr(torch_tiled, "_SHARED_EXP_SPREAD", float("-inf"))
+    q, k = (_leaf(t) for t in _inputs(23, 17, 6))
+    got = similarity_lse(q, k, scale, rows=True, cols=True, diag_offset=1, backend="torch", chunk_size=5)
+    want = dense.lse(q, k, scale, True, 1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-10)
+    weights = torch.randn(23, dtype=torch.float64), torch.randn(17, dtype=torch.float64)
+    got_grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), (q, k))
+    want_grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (q, k))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
