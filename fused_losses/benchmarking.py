@@ -372,6 +372,12 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def parity_error(case: Case) -> float:
     """Largest relative error of ``case``'s loss and input gradients against the float64
     reference on the same inputs (each tensor's error over its largest reference magnitude)."""
+    return max(parity_errors(case))
+
+
+def parity_errors(case: Case) -> Tuple[float, float]:
+    """(relative error of the loss, largest relative error of the input gradients) of ``case``
+    against the float64 reference on the same inputs."""
     loss_fn, make_inputs = loss_and_inputs(case)
     inputs = make_inputs()
     reference_fn = get_provider("reference").loss_function(case)
@@ -380,7 +386,7 @@ def parity_error(case: Case) -> float:
     got, want = loss_fn(*inputs), reference_fn(*reference_inputs)
     got_grads = torch.autograd.grad(got, [t for t in inputs if t.requires_grad])
     want_grads = torch.autograd.grad(want, [t for t in reference_inputs if t.requires_grad])
-    return max([_relative_error(got, want)] + [_relative_error(g, w) for g, w in zip(got_grads, want_grads)])
+    return _relative_error(got, want), max(_relative_error(g, w) for g, w in zip(got_grads, want_grads))
 
 
 @dataclass(frozen=True)

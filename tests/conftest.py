@@ -1,4 +1,5 @@
-"""Test session setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip."""
+"""Test session setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip;
+the `gen` fixture gives each test a freshly seeded generator."""
 
 import os
 
@@ -17,3 +18,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def gen():
+    """Random generator with a fresh seed per test case; the seed is printed to reproduce a failure."""
+    seed = torch.seed() % 2**31
+    print(f"input seed: {seed}")
+    return torch.Generator().manual_seed(seed)

@@ -13,13 +13,6 @@ from tests import peers
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture
-def gen():
-    seed = torch.seed() % 2**31
-    print(f"input seed: {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 

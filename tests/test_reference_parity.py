@@ -18,14 +18,6 @@ REDUCTIONS = ["mean", "sum", "none"]
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture
-def gen():
-    """Random generator with a fresh seed per test case; the seed is printed to reproduce a failure."""
-    seed = torch.seed() % 2**31
-    print(f"input seed: {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def embeddings(gen, n, d):
     """(n, d) random rows of norm about 2 (not 1, so that normalization shows in the gradients)."""
     return 2 * torch.randn(n, d, generator=gen, dtype=torch.float64) / d ** 0.5

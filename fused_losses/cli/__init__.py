@@ -2,7 +2,6 @@
 ``python -m fused_losses bench ...`` (measurements written as JSON lines)."""
 
 import argparse
-import sys
 from typing import List, Optional
 
 from fused_losses.backends import BACKENDS, available_backends

@@ -1,11 +1,10 @@
 """Every available backend against ``fused_losses.reference``: each loss, value and gradients."""
 
-from dataclasses import replace
 from typing import List, Tuple
 
 import torch
 
-from fused_losses.benchmarking import LOSSES, Case, loss_and_inputs
+from fused_losses.benchmarking import LOSSES, Case, parity_errors
 from fused_losses.cli.progress import ProgressBar
 
 # float32 inputs against the float64 reference of the same values.
@@ -14,23 +13,10 @@ RELATIVE_TOLERANCE = 1e-4
 CHECK_SHAPE = {"n": 37, "m": 53, "d": 29}
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.detach().abs().max().clamp(min=1e-6)
-    return float(((got.detach().double() - want.detach()).abs().max() / scale).nan_to_num(float("inf")))
-
-
 def check_backend_loss(backend: str, loss: str, device: torch.device) -> Tuple[float, float]:
     """(relative error of the loss, largest relative error over the input gradients)."""
-    case = Case(loss, backend, CHECK_SHAPE["n"], CHECK_SHAPE["m"], CHECK_SHAPE["d"], "float32", str(device))
-    fast_fn, make_inputs = loss_and_inputs(case)
-    reference_fn, _ = loss_and_inputs(replace(case, provider="reference"))
-    inputs = make_inputs()
-    reference_inputs = tuple(t.detach().double().requires_grad_(True) if t.is_floating_point() else t
-                             for t in inputs)
-    got, want = fast_fn(*inputs), reference_fn(*reference_inputs)
-    got_grads = torch.autograd.grad(got, [t for t in inputs if t.requires_grad])
-    want_grads = torch.autograd.grad(want, [t for t in reference_inputs if t.requires_grad])
-    return _relative_error(got, want), max(_relative_error(g, w) for g, w in zip(got_grads, want_grads))
+    return parity_errors(Case(loss, backend, CHECK_SHAPE["n"], CHECK_SHAPE["m"], CHECK_SHAPE["d"],
+                              "float32", str(device)))
 
 
 def run_selfcheck(backends: List[str], device: torch.device) -> Tuple[str, bool]:

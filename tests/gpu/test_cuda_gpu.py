@@ -17,6 +17,7 @@ import torch
 from fused_losses.backends import cuda as cuda_backend
 from fused_losses.backends import select_backend
 from fused_losses.backends.cuda import kernels as cuda_kernels
+from tests.gpu.kernel_inputs import make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,22 +60,6 @@ def make_kernels(limit=None, precision="split_tf32"):
     if limit is not None:
         options["workspace_limit_bytes"] = limit
     return cuda_backend.make_kernels(**options)
-
-
-def make_inputs(dtype, n, m, d, offset, seed=0, scale=100.0):
-    """CLIP-like: k[i] correlated with q[i], so rows have a clear positive."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(n, d, device="cuda", generator=gen)
-    k = torch.randn(m, d, device="cuda", generator=gen)
-    paired = min(n, m)
-    k[:paired] += 2.0 * q[:paired]
-    q, k = q.to(dtype), k.to(dtype)
-    return dict(q=q, k=k, inv_norm_q=inv_norms(q), inv_norm_k=inv_norms(k),
-                scale=torch.tensor(scale, device="cuda"), diag_offset=offset)
-
-
-def inv_norms(x):
-    return 1.0 / x.float().norm(dim=1).clamp_min(1e-12)
 
 
 def random_vector(size, seed):

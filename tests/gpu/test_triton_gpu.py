@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fused_losses.backends import triton as triton_backend
+from tests.gpu.kernel_inputs import make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,22 +39,6 @@ CASES = [
 def case_id(case):
     dtype, n, m, d, offset = case
     return f"{str(dtype)[6:]}-{n}x{m}x{d}-mask{offset}"
-
-
-def make_inputs(dtype, n, m, d, offset, seed=0):
-    """Kernel arguments for CLIP-like data: unit-ish embeddings, k[i] correlated with q[i]."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(n, d, device="cuda", generator=gen)
-    k = torch.randn(m, d, device="cuda", generator=gen)
-    paired = min(n, m)
-    k[:paired] += 2.0 * q[:paired]
-    q, k = q.to(dtype), k.to(dtype)
-    return dict(q=q, k=k, inv_norm_q=inv_norms(q), inv_norm_k=inv_norms(k),
-                scale=torch.tensor(100.0, device="cuda"), diag_offset=offset)
-
-
-def inv_norms(x):
-    return 1.0 / x.float().norm(dim=1).clamp_min(1e-12)
 
 
 def grads_for(n, m, seed=1):
