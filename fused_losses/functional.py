@@ -30,7 +30,7 @@ from fused_losses.primitives import (
 )
 
 
-def _check_options(normalize: bool, reduction: str, backend: str, gather_distributed: bool = False,
+def check_loss_options(normalize: bool, reduction: str, backend: str, gather_distributed: bool = False,
                    process_group=None) -> None:
     check.check_flag("normalize", normalize)
     check.check_reduction(reduction)
@@ -91,7 +91,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     """
     check.check_compatible("image_features", image_features, "text_features", text_features,
                            same_rows=True)
-    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_label_smoothing(label_smoothing)
     scale = _scale("logit_scale", logit_scale, image_features)
     if distributed.world_size(gather_distributed, process_group) == 1:
@@ -143,7 +143,7 @@ def info_nce(query: Tensor, keys: Tensor, temperature=0.07, *, targets: Optional
     rank's queries against every rank's keys; targets still index this rank's keys.
     """
     check.check_compatible("query", query, "keys", keys, same_rows=False)
-    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_label_smoothing(label_smoothing)
     n, m = query.shape[0], keys.shape[0]
     if targets is None:
@@ -169,7 +169,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
     rank's 2N views against the views of every rank (pairs never span ranks).
     """
     check.check_compatible("z1", z1, "z2", z2, same_rows=True)
-    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     scale = _inverse_temperature("temperature", temperature, z1)
     views = torch.cat([z1, z2])
     # Gathered rank by rank, every rank's views sit contiguously: self is at the rank's offset.
@@ -207,7 +207,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature=0.1, *, normalize:
     rank's anchors against the features and labels of every rank.
     """
     check.check_embeddings("features", features)
-    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_class_indices("labels", labels, features.shape[0], features.device)
     scale = _inverse_temperature("temperature", temperature, features)
     gathered = distributed.gather_rows(features, gather_distributed, process_group)
@@ -245,7 +245,7 @@ def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature=1.0, normaliz
             math.isfinite(l2_reg) and l2_reg >= 0):
         raise ValueError(f"l2_reg must be a finite float >= 0, got {l2_reg!r}")
     check.check_compatible("anchors", anchors, "positives", positives, same_rows=True)
-    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     scale = _inverse_temperature("temperature", temperature, anchors)
     per_anchor, world_size, global_anchors = _info_nce_per_query(
         anchors, positives, scale, None, 0.0, normalize, backend, gather_distributed, process_group)
@@ -268,7 +268,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     """
     check.check_compatible("image_features", image_features, "text_features", text_features,
                            same_rows=True)
-    _check_options(normalize, reduction, backend, gather_distributed, process_group)
+    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     scale = _scale("logit_scale", logit_scale, image_features)
     check.check_finite_scalar("logit_bias", logit_bias, image_features.device)
     bias = as_scalar_tensor(logit_bias, scale.dtype, image_features.device)

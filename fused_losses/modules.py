@@ -15,7 +15,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fused_losses import _validation as check
 from fused_losses import functional
+
+
+def _check_constructor_options(normalize, reduction, backend, gather_distributed=False,
+                               process_group=None, temperature=None):
+    """Fail at construction, not at the first forward, on options that are wrong already."""
+    functional.check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+    if temperature is not None and not isinstance(temperature, Tensor):
+        check.check_positive_scalar("temperature", temperature, torch.device("cpu"))
 
 
 class _LearnableLogitScale(nn.Module):
@@ -60,6 +69,8 @@ class ClipLoss(nn.Module):
                  label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
                  gather_distributed: bool = False, process_group=None):
         super().__init__()
+        _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group)
+        check.check_label_smoothing(label_smoothing)
         self.learnable_logit_scale = (
             _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
         self.normalize, self.label_smoothing = normalize, label_smoothing
@@ -87,6 +98,7 @@ class SigLipLoss(nn.Module):
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
                  gather_distributed: bool = False, process_group=None):
         super().__init__()
+        _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group)
         self.learnable_logit_scale = (
             _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if learn_logit_scale else None
@@ -118,6 +130,9 @@ class InfoNCELoss(nn.Module):
                  reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
                  process_group=None):
         super().__init__()
+        _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
+                                   temperature)
+        check.check_label_smoothing(label_smoothing)
         self.temperature, self.label_smoothing = temperature, label_smoothing
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -136,6 +151,8 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature=0.5, *, normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", gather_distributed: bool = False, process_group=None):
         super().__init__()
+        _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
+                                   temperature)
         self.temperature, self.normalize = temperature, normalize
         self.reduction, self.backend = reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -153,6 +170,8 @@ class SupConLoss(nn.Module):
     def __init__(self, temperature=0.1, *, normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", gather_distributed: bool = False, process_group=None):
         super().__init__()
+        _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
+                                   temperature)
         self.temperature, self.normalize = temperature, normalize
         self.reduction, self.backend = reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -171,6 +190,8 @@ class NPairsLoss(nn.Module):
                  reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
                  process_group=None):
         super().__init__()
+        _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
+                                   temperature)
         self.temperature, self.normalize, self.l2_reg = temperature, normalize, l2_reg
         self.reduction, self.backend = reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -188,6 +209,7 @@ class CosineEmbeddingLoss(nn.Module):
 
     def __init__(self, margin: float = 0.0, reduction: str = "mean"):
         super().__init__()
+        check.check_reduction(reduction)
         self.margin, self.reduction = margin, reduction
 
     def forward(self, x1: Tensor, x2: Tensor, target: Tensor) -> Tensor:

@@ -72,6 +72,14 @@ B = torch.randn(6, 4)
     (lambda: fl.ClipLoss()(A, B), ValueError, "forward needs logit_scale"),
     (lambda: fl.SigLipLoss()(A, B, 10.0), ValueError, "forward needs logit_bias"),
     (lambda: fl.ClipLoss(learn_logit_scale=True, init_logit_scale=1000.0), ValueError, "init logit scale"),
+    (lambda: fl.ClipLoss(reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: fl.ClipLoss(label_smoothing=2.0), ValueError, "label_smoothing"),
+    (lambda: fl.SigLipLoss(backend="jax"), ValueError, "backend must be one of"),
+    (lambda: fl.InfoNCELoss(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    (lambda: fl.NTXentLoss(temperature=-1.0), ValueError, "temperature must be finite and > 0"),
+    (lambda: fl.SupConLoss(normalize="yes"), TypeError, "normalize must be a bool"),
+    (lambda: fl.NPairsLoss(temperature=float("nan")), ValueError, "temperature"),
+    (lambda: fl.CosineEmbeddingLoss(reduction="max"), ValueError, "reduction must be one of"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
