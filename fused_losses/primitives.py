@@ -54,13 +54,16 @@ def _inverse_norms(x: Tensor, normalize: bool, eps: float, dtype: torch.dtype) -
 
 
 def _input_grad(x: Tensor, inv_norm: Tensor, grad_u: Tensor, normalize: bool, eps: float):
-    """(dL/dx in x's dtype, sum_i u_i . U_i) from U = dL/du, where u = inv_norm * x."""
+    """(dL/dx in x's dtype, sum_i u_i . U_i) from U = dL/du, where u = inv_norm * x.
+
+    ``grad_u`` (a backend's fresh output) is updated in place: one (rows, D) temporary in all.
+    """
     u = x.to(grad_u.dtype) * inv_norm[:, None]
-    radial = (u * grad_u).sum(dim=1)
+    radial = torch.linalg.vecdot(u, grad_u)
     if normalize:
         unclamped = _norms(x, grad_u.dtype) > eps
-        grad_u = grad_u - u * torch.where(unclamped, radial, torch.zeros_like(radial))[:, None]
-        grad_u = grad_u * inv_norm[:, None]
+        grad_u.sub_(u.mul_(torch.where(unclamped, radial, torch.zeros_like(radial))[:, None]))
+        grad_u.mul_(inv_norm[:, None])
     return grad_u.to(x.dtype), radial.sum()
 
 
