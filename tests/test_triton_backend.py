@@ -472,6 +472,41 @@ def test_fp32_input_precision_follows_torch():
         matmul.fp32_precision = before
 
 
+def test_zero_gradients_give_zero_results_not_nan(gradient_strategy):
+    # max(N, M) >= 64: the weight scale 2^k / max|grad| overflowed fp32 for all-zero grads (0 * inf).
+    n, m, d = 64, 70, 16
+    inputs = make_inputs(n, m, d, torch.float16)
+    from fused_losses.backends.triton.gradient import weight_scale
+    assert torch.isfinite(weight_scale([torch.zeros(n)], n, m))
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col,
+                                  grad_row=torch.zeros(n, device=DEVICE), grad_col=torch.zeros(m, device=DEVICE))
+    assert torch.equal(u, torch.zeros_like(u)) and torch.equal(v, torch.zeros_like(v))
+    bias = torch.tensor(-1.0, device=DEVICE)
+    u, v, grad_bias = kernels().softplus_backward(**inputs, bias=bias, grad_row=torch.zeros(n, device=DEVICE))
+    assert torch.equal(u, torch.zeros_like(u)) and torch.equal(v, torch.zeros_like(v)) and grad_bias.item() == 0
+
+
+def test_feature_offsets_that_overflow_int32_are_made_row_major():
+    # The kernels compute feature index x stride(1) in int32: a feature-major (N, D) view with
+    # (D - 1) x N >= 2^31 is copied to row-major. Meta tensors: no memory.
+    from fused_losses.backends.triton.operands import _int32_feature_offsets
+    n, d = 2**20, 4096
+    feature_major = torch.empty_strided((n, d), (1, n), device="meta")
+    assert _int32_feature_offsets(feature_major).stride() == (d, 1)
+    small = torch.empty_strided((2**16, d), (1, 2**16), device="meta")
+    assert _int32_feature_offsets(small) is small
+
+
+def test_launches_are_guarded_to_the_inputs_device():
+    # triton launches on the current CUDA device and stream, not on the tensors' device.
+    from fused_losses.backends.triton.operands import device_guard
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with device_guard(torch.device("cpu")):
+        pass
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_h100_without_register_spills():
     # The interpreter accepts code the GPU compiler rejects; compile for sm_90 (no GPU needed).

@@ -27,7 +27,10 @@ def weight_scale(grads: List[Tensor], n: int, m: int) -> Tensor:
     """0-d fp32 factor for the gradients (see MAX_WEIGHT_EXPONENT); computed on the device."""
     largest = torch.stack([g.detach().abs().max().to(torch.float32) for g in grads]).max()
     exponent = min(MAX_WEIGHT_EXPONENT, max(n, m).bit_length() // 2)
-    return float(2**exponent) / largest.clamp_min(torch.finfo(torch.float32).tiny)
+    # The floor keeps the factor finite (<= 1 / tiny) when every gradient is 0 or nearly so: with
+    # an inf factor, 0 * inf = NaN would reach W.
+    floor = torch.finfo(torch.float32).tiny * 2.0**MAX_WEIGHT_EXPONENT
+    return float(2**exponent) / largest.clamp_min(floor)
 
 
 def similarity_gradients(

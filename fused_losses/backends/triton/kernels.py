@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from fused_losses.backends.triton.lse import lse_backward, lse_forward
-from fused_losses.backends.triton.operands import Similarity, as_stat
+from fused_losses.backends.triton.operands import Similarity, as_stat, device_guard
 from fused_losses.backends.triton.softplus import softplus_backward, softplus_forward
 
 
@@ -28,27 +28,31 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         diag_offset: Optional[int], want_rows: bool, want_cols: bool,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        return lse_forward(sim, want_rows, want_cols)
+        with device_guard(q.device):
+            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+            return lse_forward(sim, want_rows, want_cols)
 
     def lse_backward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         diag_offset: Optional[int], lse_row: Optional[Tensor], lse_col: Optional[Tensor],
         grad_row: Optional[Tensor], grad_col: Optional[Tensor],
     ) -> Tuple[Tensor, Tensor]:
-        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self.deterministic)
+        with device_guard(q.device):
+            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+            return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self.deterministic)
 
     def softplus_forward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int],
     ) -> Tensor:
-        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        return softplus_forward(sim, as_stat(bias))
+        with device_guard(q.device):
+            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+            return softplus_forward(sim, as_stat(bias))
 
     def softplus_backward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int], grad_row: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        return softplus_backward(sim, as_stat(bias), grad_row, self.deterministic)
+        with device_guard(q.device):
+            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+            return softplus_backward(sim, as_stat(bias), grad_row, self.deterministic)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -11,6 +12,8 @@ from torch import Tensor
 from fused_losses.backends.triton import launch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels compute feature offsets (feature index x feature stride) in int32.
+MAX_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class Similarity:
             raise ValueError(f"expected q (N, D) and k (M, D), got {tuple(q.shape)} and {tuple(k.shape)}")
         if k.device != q.device:
             raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
-        return cls(q, k, as_stat(inv_norm_q), as_stat(inv_norm_k), as_stat(scale), diag_offset)
+        return cls(_int32_feature_offsets(q), _int32_feature_offsets(k), as_stat(inv_norm_q),
+                   as_stat(inv_norm_k), as_stat(scale), diag_offset)
 
     @property
     def n(self) -> int:
@@ -108,3 +112,17 @@ class WeightTerms:
 def as_stat(t: Tensor) -> Tensor:
     """Statistics-dtype vector or scalar as the kernels read it: contiguous fp32 (O(N) copy at most)."""
     return t.to(torch.float32).contiguous()
+
+
+def _int32_feature_offsets(x: Tensor) -> Tensor:
+    """``x`` (rows, D), copied to row-major layout when its largest feature offset (D - 1) x
+    stride(1) would overflow the kernels' int32 arithmetic (row offsets are int64 already)."""
+    if (x.shape[1] - 1) * x.stride(1) > MAX_INT32:
+        return x.contiguous()
+    return x
+
+
+def device_guard(device: torch.device):
+    """Context in which triton launches on ``device``: triton uses the current CUDA device and its
+    current stream, not the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
