@@ -246,3 +246,15 @@ class TestModules:
         (got,) = torch.autograd.grad(fl.InfoNCELoss(temperature)(a, b), temperature)
         (want,) = torch.autograd.grad(reference.info_nce(a, b, temperature), temperature)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.name)
+def test_zero_upstream_gradient_gives_zero_gradients(backend, case):
+    """(0 * loss).backward(): every gradient exactly 0, never NaN (no 0 * inf in a rescaling)."""
+    inputs = {k: (v.float() if v.dim() == 2 else v).requires_grad_(v.is_floating_point())
+              for k, v in case.make_inputs(67, 71, 24, _generator()).items()}
+    loss = case.call(functional, inputs, backend=backend, **case.option_grid[0])
+    leaves = [v for v in inputs.values() if v.requires_grad]
+    for grad in torch.autograd.grad(0 * loss, leaves):
+        assert torch.equal(grad, torch.zeros_like(grad))
