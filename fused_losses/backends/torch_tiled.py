@@ -18,6 +18,10 @@ the GEMMs, are what a chunked PyTorch implementation can still save:
   g_row_i P_ij + g_col_j exp(S_ij - lse_col_j). It is used on chunks where the spread
   lse_row_i - lse_col_j stays under ``_SHARED_EXP_SPREAD`` (no overflow, lost terms below e^-27
   of their own weight); other chunks take one exponential per direction.
+
+Choosing between a fast path and its fallback reads values on the host: one sync per forward
+chunk (any untrusted column?) and one per backward call (the spreads). Free on the CPU; a few
+syncs per call on a GPU, where this backend is the fallback.
 """
 
 from __future__ import annotations
