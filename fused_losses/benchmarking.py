@@ -246,59 +246,59 @@ def _proc_status_bytes(field: str) -> int:
 OUT_OF_MEMORY = "out of memory"
 
 
-def _cpu_peaks(case: Case, modes: Sequence[str]) -> Dict[str, object]:
-    """{mode: peak resident bytes above the resident size before the step, or OUT_OF_MEMORY}."""
+def _peaks(case: Case, modes: Sequence[str], measure, release=None) -> Dict[str, object]:
+    """{mode: measure(prepare, run) for one ``mode`` step of ``case``, or OUT_OF_MEMORY};
+    ``release()`` after each mode, whatever happened."""
     peaks = {}
     for mode in modes:
         try:
             prepare, run = make_step(case, mode)
             if prepare:
                 prepare()
-            run()  # warm-up: lazy initialisation of torch's CPU kernels is not the loss's memory
-            if prepare:
-                prepare()
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets the peak resident size (VmHWM) to the current one
-            baseline = _proc_status_bytes("VmRSS")  # read after the reset: the peak cannot be below it
-            run()
-            peaks[mode] = _proc_status_bytes("VmHWM") - baseline
+            peaks[mode] = measure(prepare, run)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
             peaks[mode] = OUT_OF_MEMORY
-        prepare = run = None
+        finally:
+            prepare = run = None
+            if release:
+                release()
     return peaks
+
+
+def _cpu_peak(prepare, run) -> int:
+    """Peak resident bytes of ``run()`` above the resident size before it."""
+    run()  # warm-up: lazy initialisation of torch's CPU kernels is not the loss's memory
+    if prepare:
+        prepare()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets the peak resident size (VmHWM) to the current one
+    baseline = _proc_status_bytes("VmRSS")  # read after the reset: the peak cannot be below it
+    run()
+    return _proc_status_bytes("VmHWM") - baseline
 
 
 def _cpu_peaks_child(provider: Provider, case: Case, modes: Sequence[str], connection) -> None:
     register_provider(provider)  # the child knows only the built-in providers
     try:
-        connection.send(("ok", _cpu_peaks(case, modes)))
+        connection.send(("ok", _peaks(case, modes, _cpu_peak)))
     except Exception:  # reported to the parent, which raises it there
         connection.send(("error", traceback.format_exc()))
 
 
 def _gpu_peaks(case: Case, modes: Sequence[str]) -> Dict[str, object]:
     device = torch.device(case.device)
-    peaks = {}
-    for mode in modes:
-        try:
-            prepare, run = make_step(case, mode)
-            if prepare:
-                prepare()
-            _synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            baseline = torch.cuda.memory_allocated(device)
-            run()
-            _synchronize(device)
-            peaks[mode] = torch.cuda.max_memory_allocated(device) - baseline
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            peaks[mode] = OUT_OF_MEMORY
-        prepare = run = None
-        torch.cuda.empty_cache()
-    return peaks
+
+    def measure(prepare, run) -> int:
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        run()
+        _synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+
+    return _peaks(case, modes, measure, release=torch.cuda.empty_cache)
 
 
 def peak_memory_bytes(case: Case, modes: Sequence[str] = ("forward_backward",)) -> Dict[str, object]:
