@@ -152,21 +152,27 @@ def random_grads(n, m, seed=1):
     return torch.randn(n, generator=gen).to(DEVICE), torch.randn(m, generator=gen).to(DEVICE)
 
 
+def check_lse_against_dense(inputs, grad_row, grad_col, value_tol, grad_tol):
+    """lse_forward (both directions) and lse_backward against the dense float64 contract;
+    returns (lse_row, lse_col, U, V)."""
+    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+    want_row, want_col = dense_lse(**inputs)
+    assert_matches(lse_row, want_row, value_tol)
+    assert_matches(lse_col, want_col, value_tol)
+    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
+    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
+    assert_matches(u, want_u, grad_tol)
+    assert_matches(v, want_v, grad_tol)
+    return lse_row, lse_col, u, v
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,m,d,offset", SHAPES)
 def test_lse_matches_dense(n, m, d, offset, dtype, gradient_strategy):
     inputs = make_inputs(n, m, d, dtype)
     inputs["diag_offset"] = offset
-    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
-    want_row, want_col = dense_lse(**inputs)
-    assert_matches(lse_row, want_row, VALUE_TOL[dtype])
-    assert_matches(lse_col, want_col, VALUE_TOL[dtype])
-
     grad_row, grad_col = random_grads(n, m)
-    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
-    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
-    assert_matches(u, want_u, GRAD_TOL[dtype])
-    assert_matches(v, want_v, GRAD_TOL[dtype])
+    lse_row, lse_col, u, v = check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[dtype], GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("want_rows,want_cols", [(True, False), (False, True), (False, False)])
@@ -228,15 +234,8 @@ def test_softplus_keeps_terms_below_fp32_resolution_of_one():
 def test_fully_masked_lines_give_minus_inf_and_zero_gradients(n, m, offset, gradient_strategy):
     inputs = make_inputs(n, m, 6, torch.float32)
     inputs["diag_offset"] = offset
-    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
-    want_row, want_col = dense_lse(**inputs)
-    assert_matches(lse_row, want_row, VALUE_TOL[torch.float32])
-    assert_matches(lse_col, want_col, VALUE_TOL[torch.float32])
     grad_row, grad_col = torch.ones(n, device=DEVICE), torch.ones(m, device=DEVICE)
-    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
-    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
-    assert_matches(u, want_u, GRAD_TOL[torch.float32])
-    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    lse_row, lse_col, u, v = check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[torch.float32], GRAD_TOL[torch.float32])
     if n == m == 1:
         assert torch.isneginf(lse_row).all() and torch.isneginf(lse_col).all()
         assert not u.any() and not v.any()
@@ -255,15 +254,8 @@ def test_large_scale_with_normalized_inputs(scale, dtype, gradient_strategy):
     inputs = make_inputs(n, m, d, dtype, scale=scale)
     inputs["k"][:n] = inputs["q"]  # a matching key per row: very peaked softmaxes
     inputs["inv_norm_k"] = inv_norms(inputs["k"])
-    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
-    want_row, want_col = dense_lse(**inputs)
-    assert_matches(lse_row, want_row, value_tol)
-    assert_matches(lse_col, want_col, value_tol)
     grad_row, grad_col = random_grads(n, m)
-    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
-    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
-    assert_matches(u, want_u, grad_tol)
-    assert_matches(v, want_v, grad_tol)
+    lse_row, lse_col, u, v = check_lse_against_dense(inputs, grad_row, grad_col, value_tol, grad_tol)
     bias = torch.tensor(-scale / 2, device=DEVICE)
     assert_matches(kernels().softplus_forward(**inputs, bias=bias), dense_softplus(bias, **inputs), value_tol)
 
@@ -288,15 +280,8 @@ def test_zero_vectors(dtype, gradient_strategy):
     inputs["k"][5] = 0
     inputs["inv_norm_q"] = inv_norms(inputs["q"])
     inputs["inv_norm_k"] = inv_norms(inputs["k"])
-    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
-    want_row, want_col = dense_lse(**inputs)
-    assert_matches(lse_row, want_row, VALUE_TOL[dtype])
-    assert_matches(lse_col, want_col, VALUE_TOL[dtype])
     grad_row, grad_col = random_grads(9, 11)
-    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
-    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
-    assert_matches(u, want_u, GRAD_TOL[dtype])
-    assert_matches(v, want_v, GRAD_TOL[dtype])
+    lse_row, lse_col, u, v = check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[dtype], GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -309,15 +294,8 @@ def test_non_contiguous_inputs(dtype, gradient_strategy):
     assert not q.is_contiguous() and not k.is_contiguous()
     inputs = dict(q=q, k=k, inv_norm_q=inv_norms(q), inv_norm_k=inv_norms(k),
                   scale=torch.tensor(4.0, device=DEVICE), diag_offset=2)
-    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
-    want_row, want_col = dense_lse(**inputs)
-    assert_matches(lse_row, want_row, VALUE_TOL[dtype])
-    assert_matches(lse_col, want_col, VALUE_TOL[dtype])
     grad_row, grad_col = random_grads(13, 30)
-    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
-    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
-    assert_matches(u, want_u, GRAD_TOL[dtype])
-    assert_matches(v, want_v, GRAD_TOL[dtype])
+    lse_row, lse_col, u, v = check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[dtype], GRAD_TOL[dtype])
     bias = torch.tensor(-1.0, device=DEVICE)
     u, v, grad_bias = kernels().softplus_backward(**inputs, bias=bias, grad_row=grad_row)
     want_u, want_v, want_bias = dense_softplus_grads(bias, grad_row, **inputs)
@@ -341,15 +319,8 @@ def test_splits_and_row_chunks_merge_correctly(many_splits, monkeypatch, workspa
         assert launch.weight_chunk_rows(n, launch.WEIGHTS_ROW_ALIGN, launch.FLOAT32_BYTES, 16) == 16
     inputs = make_inputs(n, m, d, torch.float32)
     inputs["diag_offset"] = -3
-    lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
-    want_row, want_col = dense_lse(**inputs)
-    assert_matches(lse_row, want_row, VALUE_TOL[torch.float32])
-    assert_matches(lse_col, want_col, VALUE_TOL[torch.float32])
     grad_row, grad_col = random_grads(n, m)
-    u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col, grad_row=grad_row, grad_col=grad_col)
-    want_u, want_v = dense_lse_grads(grad_row, grad_col, **inputs)
-    assert_matches(u, want_u, GRAD_TOL[torch.float32])
-    assert_matches(v, want_v, GRAD_TOL[torch.float32])
+    lse_row, lse_col, u, v = check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[torch.float32], GRAD_TOL[torch.float32])
     bias = torch.tensor(1.5, device=DEVICE)
     assert_matches(kernels().softplus_forward(**inputs, bias=bias), dense_softplus(bias, **inputs),
                    VALUE_TOL[torch.float32])
