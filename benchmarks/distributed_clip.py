@@ -198,6 +198,38 @@ def measure(label: str, source: str, args: dict) -> dict:
     }
 
 
+def one_device(args: dict, device: str) -> List[dict]:
+    """The similarity work of one rank's step in either scheme, on one device without collectives
+    (the per-rank figure where a single GPU is at hand): "two_pass" scores the rank's images
+    against all texts and its texts against all images, row statistics each, as the loss did
+    before issue 12; "one_pass" scores its images against all texts once with both statistics.
+    Forward+backward of this checkout's ``similarity_lse`` (backend "auto"), inputs on ``device``;
+    the O(N D) terms and the collectives are not in it."""
+    from fused_losses import similarity_lse
+    from fused_losses.benchmarking import environment, matmul_ms, time_ms
+
+    n, d, dtype, dev = args["n_local"], args["d"], DTYPES[args["dtype"]], torch.device(device)
+    m = n * args["ranks"]
+    image, text = (torch.randn(n, d, device=dev).to(dtype).requires_grad_() for _ in range(2))
+    all_images, all_texts = (torch.randn(m, d, device=dev).to(dtype).requires_grad_()
+                             for _ in range(2))
+
+    def one_pass():
+        rows, cols = similarity_lse(image, all_texts, LOGIT_SCALE, rows=True, cols=True)
+        (rows.sum() + cols.sum()).backward()
+
+    def two_pass():
+        image_rows, _ = similarity_lse(image, all_texts, LOGIT_SCALE)
+        text_rows, _ = similarity_lse(text, all_images, LOGIT_SCALE)
+        (image_rows.sum() + text_rows.sum()).backward()
+
+    floor = matmul_ms(n, m, d, args["dtype"], device, repeats=args["repeats"])
+    return [{"benchmark": "distributed_clip_one_device", "scheme": name, **args, "n_global": m,
+             **time_ms(run, dev, repeats=args["repeats"]), "matmul_ms": floor, **environment(),
+             "date": datetime.date.today().isoformat()}
+            for name, run in (("two_pass", two_pass), ("one_pass", one_pass))]
+
+
 def _source(text: str):
     label, sep, path = text.partition("=")
     if not (sep and label and path):
@@ -216,6 +248,9 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--one-device", metavar="DEVICE", default=None,
+                        help="instead: one rank's similarity work of both schemes on DEVICE "
+                             "(e.g. cuda), no processes spawned (see one_device)")
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="JSON lines file (default: benchmarks/results/distributed_clip_<date>.jsonl)")
     options = parser.parse_args()
@@ -226,6 +261,16 @@ def main() -> None:
     torch.set_num_threads(1)  # the recorded device line states one thread, as each rank runs
     out = options.out or RESULTS / f"distributed_clip_{datetime.date.today().isoformat()}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if options.one_device:
+        records = one_device(args, options.one_device)
+        write_records(records, str(out))
+        for record in records:
+            print(f"{record['scheme']:>8}: forward+backward {record['median_ms']:9.2f} ms "
+                  f"({record['median_ms'] / record['matmul_ms']:.2f}x one {args['n_local']}x"
+                  f"{args['d']}x{record['n_global']} matmul) on {record['device']}")
+        print(f"two_pass / one_pass: {records[0]['median_ms'] / records[1]['median_ms']:.2f}x; "
+              f"appended to {out}")
+        return
     records = []
     for label, source in options.sources:
         record = measure(label, source, args)
