@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import pathlib
-import platform
 import socket
 import statistics
 import subprocess
@@ -82,7 +81,7 @@ def logged_collectives(log: List[dict]):
     torch.distributed module, as torch.distributed.nn and fused_losses do)."""
     originals = {op: getattr(dist, op) for op in COLLECTIVES}
 
-    def logging(op: str, collective: Callable):
+    def logged(op: str, collective: Callable):
         @functools.wraps(collective)
         def call(*args, **kwargs):
             group = kwargs.get("group")
@@ -92,7 +91,7 @@ def logged_collectives(log: List[dict]):
         return call
 
     for op, collective in originals.items():
-        setattr(dist, op, logging(op, collective))
+        setattr(dist, op, logged(op, collective))
     try:
         yield log
     finally:
@@ -181,7 +180,8 @@ def measure(label: str, source: str, args: dict) -> dict:
 
     ranks = args["ranks"]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(ranks, _free_port(), source, args, out_dir), nprocs=ranks, join=True)
+        mp.spawn(_worker, args=(ranks, _free_port(), source, args, out_dir), nprocs=ranks,
+                 join=True)
         per_rank = []
         for rank in range(ranks):
             with open(os.path.join(out_dir, f"rank{rank}.json")) as saved:
@@ -216,12 +216,13 @@ def one_device(args: dict, device: str) -> List[dict]:
 
     def one_pass():
         rows, cols = similarity_lse(image, all_texts, LOGIT_SCALE, rows=True, cols=True)
-        (rows.sum() + cols.sum()).backward()
+        return torch.autograd.grad(rows.sum() + cols.sum(), (image, all_texts))
 
     def two_pass():
         image_rows, _ = similarity_lse(image, all_texts, LOGIT_SCALE)
         text_rows, _ = similarity_lse(text, all_images, LOGIT_SCALE)
-        (image_rows.sum() + text_rows.sum()).backward()
+        return torch.autograd.grad(image_rows.sum() + text_rows.sum(),
+                                   (image, all_texts, text, all_images))
 
     floor = matmul_ms(n, m, d, args["dtype"], device, repeats=args["repeats"])
     return [{"benchmark": "distributed_clip_one_device", "scheme": name, **args, "n_global": m,
@@ -252,7 +253,8 @@ def main() -> None:
                         help="instead: one rank's similarity work of both schemes on DEVICE "
                              "(e.g. cuda), no processes spawned (see one_device)")
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="JSON lines file (default: benchmarks/results/distributed_clip_<date>.jsonl)")
+                        help="JSON lines file "
+                             "(default: benchmarks/results/distributed_clip_<date>.jsonl)")
     options = parser.parse_args()
     from fused_losses.benchmarking import write_records  # this checkout's, in this process only
 
@@ -282,7 +284,8 @@ def main() -> None:
               f"received per rank, loss {record['per_rank'][0]['loss']:.6f}", flush=True)
     for other in records[1:]:
         base = records[0]
-        print(f"{base['label']} / {other['label']}: time {base['median_ms'] / other['median_ms']:.2f}x, "
+        print(f"{base['label']} / {other['label']}: "
+              f"time {base['median_ms'] / other['median_ms']:.2f}x, "
               f"bytes {base['bytes_received_per_rank'] / other['bytes_received_per_rank']:.2f}x")
     print(f"appended to {out}")
 

@@ -26,8 +26,8 @@ computing the loss on the global batch would get.
 
 How each loss splits: CLIP scores this rank's images against all texts once (``symmetric_lse``):
 complete image -> text statistics for its images, and partial text -> image statistics for every
-text, merged over the ranks by an O(N) all-reduce; only the texts are gathered (with label smoothing,
-the sum of the image embeddings is all-reduced too: D floats). SigLIP scores this
+text, merged over the ranks by an O(N) all-reduce; only the texts are gathered (with label
+smoothing, the sum of the image embeddings is all-reduced too: D floats). SigLIP scores this
 rank's images against all texts (open_clip passes the texts from neighbour to neighbour instead:
 same numbers); InfoNCE and N-pairs this rank's queries against all keys; NT-Xent this rank's 2N
 views against all views, gathered rank by rank so that a view's partner is on its own rank and its
@@ -184,7 +184,9 @@ def symmetric_lse(q: Tensor, k: Tensor, scale, *, normalize: bool, gather_distri
 
     q: (N_r, D) this rank's rows (e.g. images); k: (M_r, D) its columns (e.g. texts), same dtype
     and device; N_r and M_r may differ between ranks and from each other. The global Q and K are
-    the ranks' rows in rank order. scale: float or 0-d tensor > 0 (may require grad). Arguments
+    the ranks' rows in rank order. Columns that only one direction scores (hard negatives) go
+    into k after the paired ones: with k = cat([positives, negatives]), lse_row scores every
+    global positive and negative, and lse_col[:N_r] is each local positive against all queries. scale: float or 0-d tensor > 0 (may require grad). Arguments
     are not checked here: the calling loss validates them.
 
     How: k is all-gathered once; this rank's q against all of K gives complete row statistics and,

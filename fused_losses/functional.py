@@ -103,7 +103,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
                                          lambda: _embed(all_texts, normalize).mean(dim=0))
     text_loss = _smoothed_cross_entropy(
         stats.lse_col, positive, v, scale, label_smoothing,
-        lambda: distributed.sum_across_ranks(u.sum(dim=0), gather_distributed, process_group) / pairs)
+        lambda: distributed.sum_across_ranks(u.sum(dim=0), gather_distributed,
+                                             process_group) / pairs)
     return _reduce(0.5 * (image_loss + text_loss), reduction, stats.keys.world_size, pairs)
 
 

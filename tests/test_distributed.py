@@ -293,7 +293,8 @@ def _clip_communication(rank, world_size):
         stack.enter_context(distributed_clip.logged_collectives(log))
         _rank_loss_and_grads(_global_cases(world_size)["clip"], rank,
                              dict(gather_distributed=True, backend="torch"))
-    shapes = {direction: [(call.args[1].shape[0], call.args[2].shape[0]) for call in spy.call_args_list]
+    shapes = {direction: [(call.args[1].shape[0], call.args[2].shape[0])
+                          for call in spy.call_args_list]
               for direction, spy in passes.items()}
     return distributed_clip.summarize(log), shapes
 
@@ -425,6 +426,14 @@ def test_clip_scores_once_and_gathers_only_the_texts(ranks):
 
 
 # One process
+
+
+def test_benchmark_one_device_mode_times_both_schemes():
+    args = dict(ranks=3, n_local=5, d=4, dtype="float32", repeats=2)
+    records = distributed_clip.one_device(args, "cpu")
+    assert [r["scheme"] for r in records] == ["two_pass", "one_pass"]
+    for record in records:
+        assert record["n_global"] == 15 and record["median_ms"] > 0 and record["matmul_ms"] > 0
 
 
 def _pair(seed=0):
