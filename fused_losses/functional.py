@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,15 +67,13 @@ def _scale(name: str, value, like: Tensor) -> Tensor:
     return as_scalar_tensor(value, statistics_dtype(like.dtype), like.device)
 
 
-def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, keys: Tensor, normalize: bool,
-                            scale: Tensor, label_smoothing: float) -> Tensor:
-    """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - (e / M) sum_j S_ij, with
-    ``keys`` the M raw keys of the rows."""
+def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, scale: Tensor,
+                            label_smoothing: float, key_mean: Callable[[], Tensor]) -> Tensor:
+    """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - e mean_j S_ij, with
+    ``key_mean()`` the mean (D,) of the rows' embedded keys (called only when e > 0)."""
     if label_smoothing == 0:
         return lse - positive
-    key_sum = _embed(keys, normalize).sum(dim=0)
-    return (lse - (1 - label_smoothing) * positive
-            - (label_smoothing / keys.shape[0]) * scale * (u @ key_sum))
+    return lse - (1 - label_smoothing) * positive - label_smoothing * scale * (u @ key_mean())
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
@@ -86,35 +84,28 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
 
     image_features, text_features: (N, D). logit_scale: already exponentiated (> 0). On normalized
     inputs with normalize=False this equals open_clip's ClipLoss. reduction="none" gives (N,):
-    1/2 (row loss_i + column loss_i). gather_distributed: this rank's images against every rank's
-    texts and its texts against every rank's images (open_clip's local loss, with gradients).
+    1/2 (row loss_i + column loss_i). gather_distributed: the loss of the ranks' global batch
+    split by rank (the numbers of open_clip's local loss with gradients), computed by scoring
+    this rank's images against every rank's texts once (``distributed.symmetric_lse``).
     """
     check.check_compatible("image_features", image_features, "text_features", text_features,
                            same_rows=True)
     check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_label_smoothing(label_smoothing)
     scale = _scale("logit_scale", logit_scale, image_features)
-    if distributed.world_size(gather_distributed, process_group) == 1:
-        all_images, all_texts, world_size = image_features, text_features, 1
-        lse_image, lse_text = lse_statistics(image_features, text_features, scale, rows=True,
-                                             cols=True, normalize=normalize, backend=backend)
-    else:
-        # One collective for both sides: the pairs gathered as rows [image | text].
-        pairs = distributed.gather_rows(torch.cat([image_features, text_features], dim=1),
-                                        process_group=process_group)
-        all_images, all_texts = pairs.rows.split(image_features.shape[1], dim=1)
-        world_size = pairs.world_size
-        lse_image, _ = lse_statistics(image_features, all_texts, scale, rows=True, cols=False,
-                                      normalize=normalize, backend=backend)
-        lse_text, _ = lse_statistics(text_features, all_images, scale, rows=True, cols=False,
-                                     normalize=normalize, backend=backend)
+    stats = distributed.symmetric_lse(image_features, text_features, scale, normalize=normalize,
+                                      gather_distributed=gather_distributed,
+                                      process_group=process_group, backend=backend)
+    all_texts, pairs = stats.keys.rows, stats.keys.rows.shape[0]
     u, v = _embed(image_features, normalize), _embed(text_features, normalize)
     positive = scale * (u * v).sum(dim=1)
-    image_loss = _smoothed_cross_entropy(lse_image, positive, u, all_texts, normalize, scale,
-                                         label_smoothing)
-    text_loss = _smoothed_cross_entropy(lse_text, positive, v, all_images, normalize, scale,
-                                        label_smoothing)
-    return _reduce(0.5 * (image_loss + text_loss), reduction, world_size, all_images.shape[0])
+    image_loss = _smoothed_cross_entropy(stats.lse_row, positive, u, scale, label_smoothing,
+                                         lambda: _embed(all_texts, normalize).mean(dim=0))
+    text_loss = _smoothed_cross_entropy(
+        stats.lse_col, positive, v, scale, label_smoothing,
+        lambda: distributed.sum_across_ranks(u.sum(dim=0), gather_distributed,
+                                             process_group) / pairs)
+    return _reduce(0.5 * (image_loss + text_loss), reduction, stats.keys.world_size, pairs)
 
 
 def _info_nce_per_query(query, keys, scale, targets, label_smoothing, normalize, backend,
@@ -127,8 +118,8 @@ def _info_nce_per_query(query, keys, scale, targets, label_smoothing, normalize,
     u = _embed(query, normalize)
     positive_keys = keys[: query.shape[0]] if targets is None else keys[targets]
     positive = scale * (u * _embed(positive_keys, normalize)).sum(dim=1)
-    per_query = _smoothed_cross_entropy(lse_row, positive, u, gathered.rows, normalize, scale,
-                                        label_smoothing)
+    per_query = _smoothed_cross_entropy(lse_row, positive, u, scale, label_smoothing,
+                                        lambda: _embed(gathered.rows, normalize).mean(dim=0))
     global_queries = distributed.global_row_count(query, gathered.world_size > 1, process_group)
     return per_query, gathered.world_size, global_queries
 

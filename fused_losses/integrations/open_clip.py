@@ -38,13 +38,18 @@ class ClipLoss(nn.Module):
     """open_clip.loss.ClipLoss: CLIP's symmetric cross-entropy, fused.
 
     With world_size > 1, as in open_clip:
-      local_loss=True, gather_with_grad=True: this rank's rows against every rank's (the fused
-        distributed loss; see fused_losses.distributed for the gradient semantics).
-      local_loss=True, gather_with_grad=False: the same against gathered copies that carry no
-        gradient (this rank's own copy included), so each feature gets the gradient of its own
-        row only.
-      local_loss=False: the loss of the whole global batch on every rank; the gathered features
-        carry gradients if gather_with_grad, else only this rank's own rows do.
+      gather_with_grad=True: the fused distributed loss (``functional.clip_loss`` with
+        gather_distributed: one N_local x N_global similarity pass per rank, texts gathered;
+        fused_losses.distributed states the gradient semantics); with local_loss=False its mean
+        over the ranks (one scalar all-reduce), which is the global batch's loss that open_clip
+        computes whole on every rank. open_clip's loss and feature gradients on every rank; a
+        tensor logit_scale's gradients split differently between the ranks, with the same sum
+        (what DDP averages).
+      local_loss=True, gather_with_grad=False: this rank's rows against gathered copies that
+        carry no gradient (this rank's own copy included), so each feature gets the gradient of
+        its own row only.
+      local_loss=False, gather_with_grad=False: the loss of the whole global batch on every rank;
+        only this rank's own rows carry gradients.
     cache_labels has nothing to cache here. logit_bias shifts every logit of a row by the same
     amount, which cross-entropy ignores: it is accepted and has no effect (as in open_clip).
     """
@@ -71,12 +76,17 @@ class ClipLoss(nn.Module):
             return functional.clip_loss(image_features, text_features, logit_scale,
                                         normalize=False, backend=self.backend)
         _check_world(self.rank, self.world_size)
-        if self.local_loss and self.gather_with_grad:
-            return functional.clip_loss(image_features, text_features, logit_scale,
-                                        normalize=False, backend=self.backend,
-                                        gather_distributed=True)
+        if self.gather_with_grad:
+            local_share = functional.clip_loss(image_features, text_features, logit_scale,
+                                               normalize=False, backend=self.backend,
+                                               gather_distributed=True)
+            if self.local_loss:
+                return local_share
+            # The global loss is the mean of the ranks' shares; through the all-reduce every
+            # feature gets the gradient summed over the ranks, as open_clip's gathering gives it.
+            return distributed.sum_across_ranks(local_share) / self.world_size
         pairs = torch.cat([image_features, text_features], dim=1)
-        gathered = distributed.gather_rows(pairs if self.gather_with_grad else pairs.detach())
+        gathered = distributed.gather_rows(pairs.detach())
         rows, offset = gathered.rows, gathered.offset
         if self.local_loss:
             all_images, all_texts = rows.split(image_features.shape[1], dim=1)
@@ -87,8 +97,7 @@ class ClipLoss(nn.Module):
                                     normalize=False, backend=self.backend)
                 + functional.info_nce(text_features, all_images, temperature, targets=targets,
                                       normalize=False, backend=self.backend))
-        if not self.gather_with_grad:
-            rows = torch.cat([rows[:offset], pairs, rows[offset + pairs.shape[0]:]])
+        rows = torch.cat([rows[:offset], pairs, rows[offset + pairs.shape[0]:]])
         all_images, all_texts = rows.split(image_features.shape[1], dim=1)
         return functional.clip_loss(all_images, all_texts, logit_scale, normalize=False,
                                     backend=self.backend)
