@@ -10,7 +10,9 @@ Every backend is a module exposing
 
 A call names the optional features it needs; ``backend="auto"`` then takes the fastest backend
 that can run on the device *and* implements them, and a backend asked for by name that lacks one
-raises ``FeatureUnsupported``. Backend modules are imported lazily, so importing fused_losses never imports triton, builds the
+raises ``FeatureUnsupported``.
+
+Backend modules are imported lazily, so importing fused_losses never imports triton, builds the
 CUDA extension or queries a GPU.
 """
 
@@ -76,9 +78,6 @@ def select_backend(backend: str, device: torch.device,
                    features: AbstractSet[str] = frozenset()) -> str:
     """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` and a call that needs the
     optional ``features``; raise if it cannot run or lacks one of them."""
-    unknown = set(features) - OPTIONAL_FEATURES.keys()
-    if unknown:
-        raise ValueError(f"unknown optional features {sorted(unknown)}; known: {sorted(OPTIONAL_FEATURES)}")
     if backend == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
         for name in order:
