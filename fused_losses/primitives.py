@@ -88,21 +88,13 @@ def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float):
     return _inverse_norms(q, normalize, eps, dtype), _inverse_norms(k, normalize, eps, dtype)
 
 
-def _label_mask(row_labels: Optional[Tensor], col_labels: Optional[Tensor],
-                exclude_same_label: bool) -> Optional[LabelMask]:
+def _label_mask_call(row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+                     exclude_same_label: bool) -> Tuple[frozenset, dict]:
+    """(optional features, backend keyword arguments) of a call with this label mask: none without
+    one, so backends that do not implement the feature (backends.base) never see its keyword."""
     if row_labels is None:
-        return None
-    return LabelMask(row_labels, col_labels, exclude_same_label)
-
-
-def _label_options(label_mask: Optional[LabelMask]) -> dict:
-    """Keyword arguments of a backend call for the label mask: none without one, so backends that
-    do not implement the optional feature (backends.base) never see it."""
-    return {} if label_mask is None else {"label_mask": label_mask}
-
-
-def _label_features(row_labels: Optional[Tensor]) -> frozenset:
-    return frozenset() if row_labels is None else frozenset({LABEL_MASK})
+        return frozenset(), {}
+    return frozenset({LABEL_MASK}), {"label_mask": LabelMask(row_labels, col_labels, exclude_same_label)}
 
 
 # The primitives are torch.library custom ops, so torch.compile treats them as single opaque
@@ -119,10 +111,9 @@ def _lse_op(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float,
             chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """(lse_row (N,), lse_col (M,)); a direction not asked for is an empty tensor."""
     inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
-    kernels = _kernels(backend, q.device, chunk_size, _label_features(row_labels))
-    lse_row, lse_col = kernels.lse_forward(
-        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, rows, cols,
-        **_label_options(_label_mask(row_labels, col_labels, exclude_same_label)))
+    features, label_options = _label_mask_call(row_labels, col_labels, exclude_same_label)
+    lse_row, lse_col = _kernels(backend, q.device, chunk_size, features).lse_forward(
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, rows, cols, **label_options)
     return _stats_or_empty(lse_row, q), _stats_or_empty(lse_col, q)
 
 
@@ -142,10 +133,10 @@ def _lse_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tenso
                      grad_row: Optional[Tensor], grad_col: Optional[Tensor], backend: str,
                      chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """(U = dL/du (N, D), V = dL/dv (M, D)) of the backend contract."""
-    kernels = _kernels(backend, q.device, chunk_size, _label_features(row_labels))
-    return kernels.lse_backward(
+    features, label_options = _label_mask_call(row_labels, col_labels, exclude_same_label)
+    return _kernels(backend, q.device, chunk_size, features).lse_backward(
         q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col,
-        **_label_options(_label_mask(row_labels, col_labels, exclude_same_label)))
+        **label_options)
 
 
 @_lse_backward_op.register_fake

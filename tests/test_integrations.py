@@ -8,7 +8,7 @@ import torch
 from fused_losses.integrations import _fallback
 from fused_losses.integrations import lightly as fused_lightly
 from fused_losses.integrations import open_clip as fused_open_clip
-from fused_losses.integrations._fallback import FallbackWarning
+from fused_losses.integrations import FallbackWarning
 from tests import peers
 
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)

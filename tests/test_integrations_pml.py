@@ -20,7 +20,7 @@ pml_regularizers = peers.pml_module("regularizers")
 pml_miners = peers.pml_module("miners")
 
 from fused_losses.integrations import pytorch_metric_learning as fused_pml  # noqa: E402 (needs PML)
-from fused_losses.integrations._fallback import FallbackWarning  # noqa: E402
+from fused_losses.integrations import FallbackWarning  # noqa: E402
 
 LOSSES = ["NTXentLoss", "SupConLoss", "NPairsLoss"]
 PAIR_LOSSES = ["NTXentLoss", "SupConLoss"]
@@ -148,6 +148,17 @@ def test_reference_embeddings(gen, name, dtype):
     inputs = [torch.randn(9, 5, generator=gen, dtype=dtype), _labels(gen, 9, 3),
               torch.randn(14, 5, generator=gen, dtype=dtype), _labels(gen, 14, 3)]
     assert_same(ours, theirs, inputs[:2], dtype, ref_emb=inputs[2], ref_labels=inputs[3])
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_reference_embeddings_with_the_labels_object_itself(gen, name):
+    """ref_labels given as the labels tensor itself: pytorch-metric-learning then drops the pairs
+    (i, i) though the reference rows are other embeddings."""
+    ours, theirs = _pair(name)
+    x, labels = torch.randn(9, 5, generator=gen, dtype=torch.float64), _labels(gen, 9, 3)
+    reference = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    values = [loss(x, labels, ref_emb=reference, ref_labels=labels) for loss in (_fused_only(ours), theirs)]
+    torch.testing.assert_close(values[0], values[1], **TOLERANCE[torch.float64])
 
 
 def test_npairs_rejects_reference_embeddings_like_pytorch_metric_learning():
