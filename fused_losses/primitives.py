@@ -4,6 +4,9 @@
     similarity_softplus(q, k, scale, bias) -> sp_row (N,)
 
 with S_ij = scale * (u_i . v_j), u_i = q_i / max(|q_i|, eps) and v_j likewise when normalizing.
+Entries can be masked by a diagonal (S[i, i + diag_offset]) and, for the log-sum-exp, by labels:
+with row labels y and column labels z, the entries of equal labels (``same_label="exclude"``) or of
+different labels (``same_label="only"``).
 Outputs are in the statistics dtype: float64 for float64 inputs, float32 otherwise.
 
 A backend (``fused_losses.backends``) supplies the forward statistics and the gradients U = dL/du,
@@ -27,8 +30,10 @@ from torch import Tensor
 
 from fused_losses import _validation as check
 from fused_losses.backends import get_kernels
+from fused_losses.backends.base import LABEL_MASK, LabelMask
 
 DEFAULT_EPS = 1e-12
+SAME_LABEL_MODES = ("exclude", "only")
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,6 +88,15 @@ def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float):
     return _inverse_norms(q, normalize, eps, dtype), _inverse_norms(k, normalize, eps, dtype)
 
 
+def _label_mask_call(row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+                     exclude_same_label: bool) -> Tuple[frozenset, dict]:
+    """(optional features, backend keyword arguments) of a call with this label mask: none without
+    one, so backends that do not implement the feature (backends.base) never see its keyword."""
+    if row_labels is None:
+        return frozenset(), {}
+    return frozenset({LABEL_MASK}), {"label_mask": LabelMask(row_labels, col_labels, exclude_same_label)}
+
+
 # The primitives are torch.library custom ops, so torch.compile treats them as single opaque
 # nodes (shapes from the fake implementations) and traces the O((N + M) D) chain rule of their
 # backward. The backend is named by a string and resolved inside the op, where the kernels run.
@@ -92,17 +106,20 @@ def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float):
 
 @torch.library.custom_op("fused_losses::similarity_lse", mutates_args=())
 def _lse_op(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float,
-            diag_offset: Optional[int], rows: bool, cols: bool, backend: str,
+            diag_offset: Optional[int], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+            exclude_same_label: bool, rows: bool, cols: bool, backend: str,
             chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """(lse_row (N,), lse_col (M,)); a direction not asked for is an empty tensor."""
     inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
-    lse_row, lse_col = _kernels(backend, q.device, chunk_size).lse_forward(
-        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, rows, cols)
+    features, label_options = _label_mask_call(row_labels, col_labels, exclude_same_label)
+    lse_row, lse_col = _kernels(backend, q.device, chunk_size, features).lse_forward(
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, rows, cols, **label_options)
     return _stats_or_empty(lse_row, q), _stats_or_empty(lse_col, q)
 
 
 @_lse_op.register_fake
-def _(q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size):
+def _(q, k, scale, normalize, eps, diag_offset, row_labels, col_labels, exclude_same_label, rows,
+      cols, backend, chunk_size):
     dtype = statistics_dtype(q.dtype)
     return (q.new_empty(q.shape[0] if rows else 0, dtype=dtype),
             q.new_empty(k.shape[0] if cols else 0, dtype=dtype))
@@ -110,40 +127,45 @@ def _(q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size)
 
 @torch.library.custom_op("fused_losses::similarity_lse_backward", mutates_args=())
 def _lse_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
-                     diag_offset: Optional[int], lse_row: Optional[Tensor],
-                     lse_col: Optional[Tensor], grad_row: Optional[Tensor],
-                     grad_col: Optional[Tensor], backend: str,
+                     diag_offset: Optional[int], row_labels: Optional[Tensor],
+                     col_labels: Optional[Tensor], exclude_same_label: bool,
+                     lse_row: Optional[Tensor], lse_col: Optional[Tensor],
+                     grad_row: Optional[Tensor], grad_col: Optional[Tensor], backend: str,
                      chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """(U = dL/du (N, D), V = dL/dv (M, D)) of the backend contract."""
-    return _kernels(backend, q.device, chunk_size).lse_backward(
-        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col)
+    features, label_options = _label_mask_call(row_labels, col_labels, exclude_same_label)
+    return _kernels(backend, q.device, chunk_size, features).lse_backward(
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col,
+        **label_options)
 
 
 @_lse_backward_op.register_fake
-def _(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col,
-      backend, chunk_size):
+def _(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, row_labels, col_labels, exclude_same_label,
+      lse_row, lse_col, grad_row, grad_col, backend, chunk_size):
     dtype = inv_norm_q.dtype
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
 
 
 def _lse_setup_context(ctx, inputs, output):
-    q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size = inputs
-    ctx.save_for_backward(q, k, scale, *output)
-    ctx.options = (normalize, eps, diag_offset, rows, cols, backend, chunk_size)
+    (q, k, scale, normalize, eps, diag_offset, row_labels, col_labels, exclude_same_label, rows,
+     cols, backend, chunk_size) = inputs
+    ctx.save_for_backward(q, k, scale, row_labels, col_labels, *output)
+    ctx.options = (normalize, eps, diag_offset, exclude_same_label, rows, cols, backend, chunk_size)
 
 
 def _lse_backward(ctx, grad_row, grad_col):
-    q, k, scale, lse_row, lse_col = ctx.saved_tensors
-    normalize, eps, diag_offset, rows, cols, backend, chunk_size = ctx.options
+    q, k, scale, row_labels, col_labels, lse_row, lse_col = ctx.saved_tensors
+    normalize, eps, diag_offset, exclude_same_label, rows, cols, backend, chunk_size = ctx.options
     inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
     dtype = inv_norm_q.dtype
     grad_u, grad_v = _lse_backward_op(
-        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row if rows else None,
-        lse_col if cols else None, grad_row.to(dtype).contiguous() if rows else None,
+        q, k, inv_norm_q, inv_norm_k, scale, diag_offset, row_labels, col_labels,
+        exclude_same_label, lse_row if rows else None, lse_col if cols else None,
+        grad_row.to(dtype).contiguous() if rows else None,
         grad_col.to(dtype).contiguous() if cols else None, backend, chunk_size)
     grad_q, radial_sum = _input_grad(q, inv_norm_q, grad_u, normalize, eps)
     grad_k, _ = _input_grad(k, inv_norm_k, grad_v, normalize, eps)
-    return (grad_q, grad_k, _grad_scale(scale, radial_sum)) + (None,) * 7
+    return (grad_q, grad_k, _grad_scale(scale, radial_sum)) + (None,) * 10
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup_context)
@@ -214,22 +236,42 @@ def _check_common(q, k, normalize, eps, diag_offset, backend, chunk_size) -> Non
         raise ValueError(f"chunk_size applies to backend='torch' only, got backend={backend!r}")
 
 
-def _kernels(backend: str, device: torch.device, chunk_size: Optional[int]):
-    """The kernels of ``backend`` ("auto" or a name); chunk_size selects the torch backend."""
+def _kernels(backend: str, device: torch.device, chunk_size: Optional[int],
+             features: frozenset = frozenset()):
+    """The kernels of ``backend`` ("auto" or a name) for a call needing the optional ``features``;
+    chunk_size selects the torch backend."""
     if chunk_size is None:
-        return get_kernels(backend, device)
-    return get_kernels("torch", device, chunk_size=chunk_size)
+        return get_kernels(backend, device, features)
+    return get_kernels("torch", device, features, chunk_size=chunk_size)
+
+
+def _check_labels(q: Tensor, k: Tensor, row_labels, col_labels, same_label: str) -> None:
+    if (row_labels is None) != (col_labels is None):
+        given, missing = ("row_labels", "col_labels") if col_labels is None else ("col_labels", "row_labels")
+        raise ValueError(f"{given} needs {missing} too: the label mask compares the two, got "
+                         f"{missing}=None")
+    if row_labels is not None:
+        check.check_class_indices("row_labels", row_labels, q.shape[0], q.device)
+        check.check_class_indices("col_labels", col_labels, k.shape[0], k.device)
+    if same_label not in SAME_LABEL_MODES:
+        raise ValueError(f"same_label must be one of {SAME_LABEL_MODES}, got {same_label!r}")
 
 
 def similarity_lse(
     q: Tensor, k: Tensor, scale=1.0, *, rows: bool = True, cols: bool = False,
     normalize: bool = True, eps: float = DEFAULT_EPS, diag_offset: Optional[int] = None,
-    backend: str = "auto", chunk_size: Optional[int] = None,
+    row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None,
+    same_label: str = "exclude", backend: str = "auto", chunk_size: Optional[int] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Row and/or column log-sum-exp of S = scale * normalize(q) @ normalize(k).T without forming S.
 
     q: (N, D), k: (M, D), same float dtype and device. scale: float or 0-d tensor > 0 (gets a
     gradient if it requires one). diag_offset: mask S[i, i + diag_offset] (None: no mask).
+    row_labels (N,), col_labels (M,): integer labels y, z (both or neither) that mask S[i, j] where
+    y_i == z_j (same_label="exclude": a row keeps its negatives) or where y_i != z_j
+    (same_label="only": a row keeps its positives); combined with the diagonal mask, an entry
+    masked by either is masked. A row or column with every entry masked gets -inf (and passes no
+    gradient). The label mask needs a backend that implements it (``backend="auto"`` picks one).
     chunk_size: rows of S per chunk for backend "torch". Returns (lse_row (N,) if rows else None,
     lse_col (M,) if cols else None) in the statistics dtype.
     """
@@ -239,9 +281,11 @@ def similarity_lse(
     check.check_flag("cols", cols)
     if not (rows or cols):
         raise ValueError("similarity_lse needs rows=True or cols=True (got both False)")
+    _check_labels(q, k, row_labels, col_labels, same_label)
     scale = as_scalar_tensor(scale, statistics_dtype(q.dtype), q.device)
     return lse_statistics(q, k, scale, rows=rows, cols=cols, normalize=normalize, eps=eps,
-                          diag_offset=diag_offset, backend=backend, chunk_size=chunk_size)
+                          diag_offset=diag_offset, row_labels=row_labels, col_labels=col_labels,
+                          same_label=same_label, backend=backend, chunk_size=chunk_size)
 
 
 def similarity_softplus(
@@ -264,11 +308,21 @@ def similarity_softplus(
                                diag_offset=diag_offset, backend=backend, chunk_size=chunk_size)
 
 
+def _contract_labels(row_labels: Tensor, col_labels: Tensor):
+    """The labels as the backend contract takes them: contiguous, both int32 or both int64 (every
+    integer dtype converts to int64 exactly, or bijectively for uint64, so equality is kept)."""
+    dtype = torch.int32 if row_labels.dtype == col_labels.dtype == torch.int32 else torch.int64
+    return row_labels.to(dtype).contiguous(), col_labels.to(dtype).contiguous()
+
+
 def lse_statistics(q, k, scale: Tensor, *, rows, cols, normalize, diag_offset=None,
-                   eps=DEFAULT_EPS, backend="auto", chunk_size=None):
+                   row_labels=None, col_labels=None, same_label="exclude", eps=DEFAULT_EPS,
+                   backend="auto", chunk_size=None):
     """``similarity_lse`` on arguments already checked, with ``scale`` a 0-d statistics tensor."""
-    lse_row, lse_col = _lse_op(q, k, scale, normalize, float(eps), diag_offset, rows, cols, backend,
-                               chunk_size)
+    if row_labels is not None:
+        row_labels, col_labels = _contract_labels(row_labels, col_labels)
+    lse_row, lse_col = _lse_op(q, k, scale, normalize, float(eps), diag_offset, row_labels,
+                               col_labels, same_label == "exclude", rows, cols, backend, chunk_size)
     return (lse_row if rows else None), (lse_col if cols else None)
 
 

@@ -8,8 +8,10 @@ from typing import Optional
 import torch
 
 
-def similarity(q, k, scale, normalize=True, diag_offset: Optional[int] = None, eps=1e-12):
-    """S (N, M) in float64 with masked entries at -inf."""
+def similarity(q, k, scale, normalize=True, diag_offset: Optional[int] = None, eps=1e-12,
+               labels=None):
+    """S (N, M) in float64 with masked entries at -inf; ``labels``: None or (row_labels,
+    col_labels, exclude_same) masking (i, j) where (row_labels[i] == col_labels[j]) == exclude_same."""
     q, k = q.double(), k.double()
     if normalize:
         q = torch.nn.functional.normalize(q, dim=1, eps=eps)
@@ -22,13 +24,23 @@ def similarity(q, k, scale, normalize=True, diag_offset: Optional[int] = None, e
         mask = torch.zeros_like(s, dtype=torch.bool)
         mask[rows[inside], cols[inside]] = True
         s = s.masked_fill(mask, float("-inf"))
+    if labels is not None:
+        row_labels, col_labels, exclude_same = labels
+        s = s.masked_fill((row_labels[:, None] == col_labels[None, :]) == exclude_same, float("-inf"))
     return s
 
 
-def lse(q, k, scale, normalize=True, diag_offset=None):
-    """(lse_row (N,), lse_col (M,)) in float64."""
-    s = similarity(q, k, scale, normalize, diag_offset)
-    return torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+def _logsumexp(s, dim):
+    """torch.logsumexp, with -inf and a zero gradient (not NaN) where every entry is masked."""
+    empty = torch.isneginf(s).all(dim=dim, keepdim=True)
+    out = torch.logsumexp(s.masked_fill(empty, 0.0), dim=dim)
+    return out.masked_fill(empty.squeeze(dim), float("-inf"))
+
+
+def lse(q, k, scale, normalize=True, diag_offset=None, labels=None):
+    """(lse_row (N,), lse_col (M,)) in float64; ``labels`` as for ``similarity``."""
+    s = similarity(q, k, scale, normalize, diag_offset, labels=labels)
+    return _logsumexp(s, 1), _logsumexp(s, 0)
 
 
 def softplus_rows(q, k, scale, bias, normalize=True, diag_offset=None):

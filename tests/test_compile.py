@@ -91,9 +91,11 @@ def test_custom_ops_pass_opcheck():
     k = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    y, z = torch.tensor([0, 1, 0, 2, 1]), torch.tensor([1, 1, 0, 2, 0, 1, 2])
     calls = [
-        (primitives._lse_op, (q, k, scale, True, 1e-12, None, True, True, "torch", None)),
-        (primitives._lse_op, (q, q, scale, False, 1e-12, 0, True, False, "torch", 2)),
+        (primitives._lse_op, (q, k, scale, True, 1e-12, None, None, None, True, True, True, "torch", None)),
+        (primitives._lse_op, (q, q, scale, False, 1e-12, 0, None, None, True, True, False, "torch", 2)),
+        (primitives._lse_op, (q, k, scale, True, 1e-12, 1, y, z, False, True, True, "torch", 3)),
         (primitives._softplus_op, (q, k, scale, bias, True, 1e-12, -1, "torch", None)),
     ]
     for op, args in calls:

@@ -6,6 +6,11 @@ Every backend is a module exposing
     unavailable_reason(device: torch.device) -> Optional[str]
         None when the backend can run on tensors of ``device``; otherwise why not and how to fix it.
     make_kernels(**options) -> SimilarityKernels          (see ``fused_losses.backends.base``)
+    FEATURES: frozenset of the optional features it implements (``base.OPTIONAL_FEATURES``)
+
+A call names the optional features it needs; ``backend="auto"`` then takes the fastest backend
+that can run on the device *and* implements them, and a backend asked for by name that lacks one
+raises ``FeatureUnsupported``.
 
 Backend modules are imported lazily, so importing fused_losses never imports triton, builds the
 CUDA extension or queries a GPU.
@@ -14,11 +19,13 @@ CUDA extension or queries a GPU.
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional
+from typing import AbstractSet, Dict, List, Optional
 
 import torch
 
-from fused_losses.backends.base import BackendUnavailable, SimilarityKernels
+from fused_losses.backends.base import (
+    OPTIONAL_FEATURES, BackendUnavailable, FeatureUnsupported, SimilarityKernels,
+)
 
 BACKENDS = ("triton", "cuda", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -58,25 +65,47 @@ def available_backends(device: Optional[torch.device] = None) -> List[str]:
     return [name for name, reason in backend_status(device).items() if reason is None]
 
 
-def select_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend`` ("auto" or a name) for tensors on ``device``; raise if it cannot run."""
+def missing_features(name: str, features: AbstractSet[str]) -> List[str]:
+    """The optional ``features`` that backend ``name`` does not implement, sorted."""
+    return sorted(set(features) - _module(name).FEATURES)
+
+
+def _describe_features(features) -> str:
+    return " and ".join(OPTIONAL_FEATURES[feature] for feature in features)
+
+
+def select_backend(backend: str, device: torch.device,
+                   features: AbstractSet[str] = frozenset()) -> str:
+    """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` and a call that needs the
+    optional ``features``; raise if it cannot run or lacks one of them."""
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(name, device) is None:
+        order = _AUTO_ORDER.get(device.type, ("torch",))
+        for name in order:
+            if unavailable_reason(name, device) is None and not missing_features(name, features):
                 return name
-        raise BackendUnavailable(f"no backend can run on device {device}")
+        needs = f" with {_describe_features(sorted(features))}" if features else ""
+        raise BackendUnavailable(f"no backend can run on device {device}{needs} (tried {', '.join(order)})")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} is not available on {device}: {reason}")
+    missing = missing_features(backend, features)
+    if missing:
+        implementing = [name for name in BACKENDS if not missing_features(name, features)]
+        raise FeatureUnsupported(
+            f"backend={backend!r} does not implement {_describe_features(missing)}; backends that "
+            f"do: {', '.join(implementing) or 'none'} (backend='auto' picks one that runs here)")
     return backend
 
 
-def get_kernels(backend: str, device: torch.device, **options) -> SimilarityKernels:
-    """The kernels of ``backend`` ("auto" or a name) for tensors on ``device``."""
-    return _module(select_backend(backend, device)).make_kernels(**options)
+def get_kernels(backend: str, device: torch.device, features: AbstractSet[str] = frozenset(),
+                **options) -> SimilarityKernels:
+    """The kernels of ``backend`` ("auto" or a name) for tensors on ``device`` and a call that needs
+    the optional ``features``."""
+    return _module(select_backend(backend, device, features)).make_kernels(**options)
 
 
 __all__ = [
-    "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable", "SimilarityKernels",
-    "available_backends", "backend_status", "get_kernels", "select_backend", "unavailable_reason",
+    "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable", "FeatureUnsupported", "SimilarityKernels",
+    "available_backends", "backend_status", "get_kernels", "missing_features", "select_backend",
+    "unavailable_reason",
 ]

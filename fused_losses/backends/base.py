@@ -29,13 +29,46 @@ Similarity softplus-sum (SigLIP):
 The chain rule through the normalization and to ``scale`` is done once, for every backend, in
 ``fused_losses.primitives`` from U and V; backends never see it. Nothing of size N x M may be
 kept beyond one bounded tile or chunk.
+
+Optional features. A backend module lists the optional features it implements in its
+``FEATURES`` (a frozenset of the names below); the registry never selects a backend for a call
+that needs a feature it lacks, and the primitives pass a feature's keyword argument only when the
+call uses it, so a backend without the feature never sees the keyword.
+
+``LABEL_MASK``: ``lse_forward`` and ``lse_backward`` take ``label_mask``, a ``LabelMask`` with row
+labels y (N,) and column labels z (M,) (contiguous, on the inputs' device, both int32 or both
+int64) and ``exclude_same``. Entry (i, j) is then also masked (S_ij = -inf) where
+
+    (y_i == z_j) == exclude_same
+
+that is, exclude_same=True masks the pairs of equal labels (a row's negatives remain) and
+exclude_same=False masks the pairs of different labels (a row's positives remain). It combines
+with the diagonal mask by "or": an entry masked by either is masked. A kernel loads the labels of
+its tile's rows and columns next to the diagonal test; everything else, the -inf of a fully
+masked row or column and its zero gradient, is as above.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import NamedTuple, Optional, Protocol, Tuple
 
 from torch import Tensor
+
+LABEL_MASK = "label_mask"
+
+# Every optional feature: what a user asks for to need it (named in errors).
+OPTIONAL_FEATURES = {
+    LABEL_MASK: "a label mask (row_labels / col_labels of similarity_lse)",
+}
+
+
+class LabelMask(NamedTuple):
+    """The ``LABEL_MASK`` feature's argument: mask (i, j) where (row_labels[i] == col_labels[j])
+    == exclude_same."""
+
+    row_labels: Tensor
+    col_labels: Tensor
+    exclude_same: bool
 
 
 class SimilarityKernels(Protocol):
@@ -67,3 +100,8 @@ class SimilarityKernels(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """A backend was requested explicitly but cannot run here; the message says why and how."""
+
+
+class FeatureUnsupported(BackendUnavailable, NotImplementedError):
+    """The requested backend runs here but does not implement an optional feature the call needs;
+    the message names the option and the backends that implement it."""

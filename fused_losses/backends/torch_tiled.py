@@ -19,6 +19,9 @@ the GEMMs, are what a chunked PyTorch implementation can still save:
   lse_row_i - lse_col_j stays under ``_SHARED_EXP_SPREAD`` (no overflow, lost terms below e^-27
   of their own weight); other chunks take one exponential per direction.
 
+A label mask (``base.LabelMask``) is applied to each chunk by comparing the chunk's row labels
+with all column labels (a chunk_rows x M boolean, dropped with the chunk).
+
 Choosing between a fast path and its fallback reads values on the host: one sync per forward
 chunk (any untrusted column?) and one per backward call (the spreads). Free on the CPU; a few
 syncs per call on a GPU, where this backend is the fallback.
@@ -32,6 +35,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fused_losses.backends.base import LABEL_MASK, LabelMask
+
+FEATURES = frozenset({LABEL_MASK})
 
 # About 64 MiB of fp32 per chunk buffer: large enough for GEMMs near full speed (measured on CPU).
 _TARGET_CHUNK_ELEMENTS = 1 << 24
@@ -64,13 +71,15 @@ class _Chunks:
     stop)`` writes rows [start, stop) of S into a reused buffer and returns it.
     """
 
-    def __init__(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, chunk_size):
+    def __init__(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, chunk_size,
+                 label_mask: Optional[LabelMask] = None):
         stat_dtype = inv_norm_q.dtype
         self.u = q.to(stat_dtype) * (inv_norm_q * scale)[:, None]
         self.v = k.to(stat_dtype) * inv_norm_k[:, None]
         self.v_transposed = self.v.T.contiguous()  # (D, M): the faster layout for the S GEMM
         self.n, self.m = q.shape[0], k.shape[0]
         self.diag_offset = diag_offset
+        self.label_mask = label_mask
         if chunk_size is None:
             chunk_size = max(1, _TARGET_CHUNK_ELEMENTS // max(self.m, 1))
         self.chunk_rows = min(chunk_size, self.n)
@@ -94,7 +103,15 @@ class _Chunks:
             cols = rows + self.diag_offset
             inside = (cols >= 0) & (cols < self.m)
             out[rows[inside] - start, cols[inside]] = float("-inf")
+        if self.label_mask is not None:
+            out.masked_fill_(self.label_masked(start, stop), float("-inf"))
         return out
+
+    def label_masked(self, start: int, stop: int, cols=slice(None)) -> Tensor:
+        """(stop - start, len(cols)) bool: the entries of rows [start, stop) the label mask removes."""
+        row_labels, col_labels, exclude_same = self.label_mask
+        same = row_labels[start:stop, None] == col_labels[None, cols]
+        return same if exclude_same else same.logical_not_()
 
     def column_lse(self, start: int, stop: int, cols: Tensor) -> Tensor:
         """Exact log-sum-exp over rows [start, stop) of the columns ``cols`` of S."""
@@ -102,6 +119,8 @@ class _Chunks:
         if self.diag_offset is not None:
             rows = torch.arange(start, stop, device=s.device)
             s = s.masked_fill(cols[None, :] == rows[:, None] + self.diag_offset, float("-inf"))
+        if self.label_mask is not None:
+            s = s.masked_fill(self.label_masked(start, stop, cols), float("-inf"))
         return torch.logsumexp(s, dim=0)
 
     def grads_from_weights(self, weights: Tensor, start: int, stop: int, grad_v: Tensor) -> Tensor:
@@ -120,11 +139,12 @@ class TorchTiledKernels:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
-    def _chunks(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset) -> _Chunks:
-        return _Chunks(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, self.chunk_size)
+    def _chunks(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask=None) -> _Chunks:
+        return _Chunks(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, self.chunk_size, label_mask)
 
-    def lse_forward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, want_rows, want_cols):
-        chunks = self._chunks(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+    def lse_forward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, want_rows, want_cols,
+                    label_mask: Optional[LabelMask] = None):
+        chunks = self._chunks(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
         stat_dtype = inv_norm_q.dtype
         lse_row = torch.empty(chunks.n, dtype=stat_dtype, device=q.device) if want_rows else None
         lse_col = torch.full((chunks.m,), float("-inf"), dtype=stat_dtype, device=q.device) if want_cols else None
@@ -141,14 +161,18 @@ class TorchTiledKernels:
                 untrusted = col_sum < _TRUSTED_SUM
                 chunk_lse = col_sum.log_().add_(chunk_shift)
                 if bool(untrusted.any()):
+                    if label_mask is not None:
+                        # A column the labels mask entirely in this chunk is exactly -inf already
+                        # (with "keep only same labels", that is most columns).
+                        untrusted &= ~chunks.label_masked(start, stop).all(dim=0)
                     cols = untrusted.nonzero().squeeze(1)
                     chunk_lse[cols] = chunks.column_lse(start, stop, cols)
                 torch.logaddexp(lse_col, chunk_lse, out=lse_col)
         return lse_row, lse_col
 
     def lse_backward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset,
-                     lse_row, lse_col, grad_row, grad_col):
-        chunks = self._chunks(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+                     lse_row, lse_col, grad_row, grad_col, label_mask: Optional[LabelMask] = None):
+        chunks = self._chunks(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
         grad_u = torch.empty_like(chunks.u)
         grad_v = torch.zeros_like(chunks.v)
         row_shift = _finite_or_zero(lse_row) if grad_row is not None else None

@@ -7,5 +7,12 @@ Each class keeps its library's constructor and forward signature and gives the s
     fused_losses.integrations.pytorch_metric_learning   NTXentLoss, SupConLoss, NPairsLoss
     fused_losses.integrations.lightly                   NTXentLoss
 
-Importing them never imports the library they imitate.
+What a drop-in cannot fuse, the original class computes, after a ``FallbackWarning`` (filter it
+as ``fused_losses.integrations.FallbackWarning``) naming the option. The pytorch-metric-learning drop-ins
+subclass its classes, so importing them imports pytorch_metric_learning; the open_clip and lightly
+ones import their library only when an option needs the original.
 """
+
+from fused_losses.integrations._fallback import FallbackWarning
+
+__all__ = ["FallbackWarning"]

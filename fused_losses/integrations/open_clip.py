@@ -5,8 +5,11 @@
 Same constructors, ``forward(image_features, text_features, logit_scale, logit_bias, output_dict)``
 and values, distributed included. Like open_clip, the features are used as given (normalize them
 in the model) and ``logit_scale`` is already exponentiated. Gathering goes through
-torch.distributed (``rank`` and ``world_size`` must match its default group); horovod is not
-supported. Unlike open_clip, ranks may hold different batch sizes.
+torch.distributed (``rank`` and ``world_size`` must match its default group). Unlike open_clip,
+ranks may hold different batch sizes. ClipLoss with ``use_horovod=True`` and ``world_size > 1``
+(gathering through horovod) is computed by open_clip's own ClipLoss, after a ``FallbackWarning``
+(with ``world_size=1`` the option has no effect, in open_clip as here). Importing this module does
+not import open_clip.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fused_losses import distributed, functional
+from fused_losses.integrations._fallback import original_class, warn_fallback
 
 
 def _check_world(rank: int, world_size: int) -> None:
@@ -28,6 +32,9 @@ def _check_world(rank: int, world_size: int) -> None:
                   else "torch.distributed not initialized")
         raise ValueError(f"rank={rank} and world_size={world_size} must match the default "
                          f"torch.distributed process group, got {actual}")
+
+
+_HOROVOD = "use_horovod=True with world_size > 1"
 
 
 def _as_output(loss: Tensor, output_dict: bool):
@@ -52,22 +59,28 @@ class ClipLoss(nn.Module):
         only this rank's own rows carry gradients.
     cache_labels has nothing to cache here. logit_bias shifts every logit of a row by the same
     amount, which cross-entropy ignores: it is accepted and has no effect (as in open_clip).
+    use_horovod with world_size > 1: open_clip's ClipLoss computes the loss (see the module).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, *, backend: str = "auto"):
         super().__init__()
-        if use_horovod:
-            raise ValueError("use_horovod=True is not supported: fused_losses gathers with "
-                             "torch.distributed (NCCL or gloo); pass use_horovod=False")
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.cache_labels = cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
         self.backend = backend
+        self._original = None
+        if use_horovod and world_size > 1:
+            original = original_class("open_clip.loss", "ClipLoss", _HOROVOD)
+            self._original = original(local_loss, gather_with_grad, cache_labels, rank, world_size,
+                                      use_horovod)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
+        if self._original is not None:
+            warn_fallback(self, _HOROVOD, "open_clip.loss.ClipLoss")
+            return self._original(image_features, text_features, logit_scale, logit_bias, output_dict)
         loss = self._contrastive_loss(image_features, text_features, logit_scale)
         return _as_output(loss, output_dict)
 

@@ -2,31 +2,298 @@
 
     from fused_losses.integrations.pytorch_metric_learning import NTXentLoss, SupConLoss, NPairsLoss
 
-``forward(embeddings, labels)`` as in pytorch-metric-learning, with its default distance (cosine
-similarity; NPairsLoss: dot product of normalized embeddings) and default reducer, and the same
-values. Embeddings with equal labels are positives of each other. Miners (``indices_tuple``) and
-reference embeddings (``ref_emb``, ``ref_labels``) are not supported: these losses score all pairs.
+Subclasses of pytorch-metric-learning's classes (same names, so its wrappers accept them), with
+their constructors (plus ``backend``), ``forward(embeddings, labels=None, indices_tuple=None,
+ref_emb=None, ref_labels=None)``, reducers, embedding regularizers and records. Only the scoring
+(``compute_loss``) is replaced: it hands the reducer the per-pair or per-anchor losses
+pytorch-metric-learning computes, without its N x M distance matrix. Importing this module imports
+pytorch_metric_learning.
+
+Fused: any labels (several positives per anchor); ``ref_emb`` with ``ref_labels`` (as
+CrossBatchMemory and SelfSupervisedLoss pass them); distances CosineSimilarity (the default),
+DotProductSimilarity and LpDistance(power=2), normalizing or not (a squared L2 distance is an affine
+function of the dot product up to a per-anchor constant, which these losses cancel); every reducer
+and embedding regularizer; an ``indices_tuple`` whose negative pairs are all pairs of different
+labels (what CrossBatchMemory passes without a miner), and for NPairsLoss any ``indices_tuple``.
+Computed by pytorch-metric-learning's own class instead (its exact numbers), after a
+``FallbackWarning`` naming the option, once per loss object: other distances or distance settings,
+an ``indices_tuple`` from a miner, no labels, ``ref_emb`` without ``ref_labels``, non-integer
+labels, a temperature that is not a positive number.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import math
+import numbers
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from pytorch_metric_learning import distances as pml_distances
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch import Tensor
 
 from fused_losses import _validation as check
-from fused_losses import functional
+from fused_losses.functional import _embed
+from fused_losses.integrations._fallback import warn_fallback
+from fused_losses.integrations._pair_scoring import (
+    ClassIds, pair_dots, row_logsumexp, unique_pairs,
+)
+from fused_losses.primitives import as_scalar_tensor, lse_statistics, statistics_dtype
+
+# A reason a call is not fused: the option responsible, as the fallback warning names it.
+Reason = str
 
 
-def _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
-    unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
-    for name, value in unsupported.items():
-        if value is not None:
-            raise ValueError(f"{name} is not supported by the fused losses, which score every pair "
-                             f"of the batch; got {type(value).__name__}, pass None")
-    check.check_embeddings("embeddings", embeddings)
-    check.check_class_indices("labels", labels, embeddings.shape[0], embeddings.device)
+class _FusedDistance(NamedTuple):
+    """A pytorch-metric-learning distance as the fused similarity S = scale * u . v, where
+    -distance (or the similarity) = S + a constant per query row.
+
+    LpDistance(power=2): -|x - y|^2 = 2 x . y - |x|^2 - |y|^2; normalized, |x| = |y| = 1; else the
+    reference rows carry -|y|^2 / 2 in an extra column (the queries a 1) and normalize=False.
+    """
+
+    normalize: bool
+    scale_factor: float
+    squared_norm_column: bool
+
+    def query_operand(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if self.squared_norm_column else x
+
+    def reference_operand(self, y: Tensor) -> Tensor:
+        if not self.squared_norm_column:
+            return y
+        return torch.cat([y, -0.5 * y.square().sum(dim=1, keepdim=True)], 1)
+
+
+def _fused_distance(distance) -> Union[_FusedDistance, Reason]:
+    kind = type(distance)
+    described = (f"distance={kind.__name__}(normalize_embeddings={distance.normalize_embeddings}, "
+                 f"p={distance.p}, power={distance.power})")
+    l2 = distance.p == 2
+    if kind in (pml_distances.CosineSimilarity, pml_distances.DotProductSimilarity):
+        if distance.power == 1 and (l2 or not distance.normalize_embeddings):
+            return _FusedDistance(distance.normalize_embeddings, 1.0, False)
+    elif kind is pml_distances.LpDistance and l2 and distance.power == 2:
+        return _FusedDistance(distance.normalize_embeddings, 2.0, not distance.normalize_embeddings)
+    return described
+
+
+def _inverse_temperature(temperature, like: Tensor) -> Union[Tensor, Reason]:
+    """1 / temperature as a 0-d statistics tensor (differentiable if the temperature is)."""
+    if isinstance(temperature, Tensor):
+        usable = temperature.numel() == 1 and temperature.is_floating_point()
+        value = float(temperature.detach()) if usable else math.nan
+    else:
+        usable = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+        value = float(temperature) if usable else math.nan
+    if not (math.isfinite(value) and value > 0):
+        return f"temperature={temperature!r}"
+    dtype = statistics_dtype(like.dtype)
+    return as_scalar_tensor(temperature, dtype, like.device).reciprocal()
+
+
+def _record_distance_stats(distance, query: Tensor, reference: Tensor) -> None:
+    """The statistics the distance records when it computes a matrix (with collect_stats)."""
+    if distance.collect_stats:
+        distance.reset_stats()
+        distance.set_default_stats(query, reference, distance.maybe_normalize(query),
+                                   distance.maybe_normalize(reference))
+
+
+class _Scorer:
+    """The fused similarities of one call: S_ij = scale * u_i . v_j for rows (N) against
+    references (M), through the primitive or for listed pairs."""
+
+    def __init__(self, distance: _FusedDistance, inverse_temperature: Tensor, rows: Tensor,
+                 references: Tensor, backend: str):
+        self.q, self.k = distance.query_operand(rows), distance.reference_operand(references)
+        self.normalize, self.backend = distance.normalize, backend
+        self.scale = distance.scale_factor * inverse_temperature
+        self.u, self.v = _embed(self.q, self.normalize), _embed(self.k, self.normalize)
+
+    def row_lse(self, **mask) -> Tensor:
+        """(N,) log sum_j exp(S_ij) over the entries ``mask`` (lse_statistics' masks) keeps."""
+        lse_row, _ = lse_statistics(self.q, self.k, self.scale, rows=True, cols=False,
+                                    normalize=self.normalize, backend=self.backend, **mask)
+        return lse_row
+
+    def pair_scores(self, rows: Tensor, refs: Tensor) -> Tensor:
+        """(P,) S at the pairs (rows[p], refs[p])."""
+        return self.scale * pair_dots(self.u, self.v, rows, refs)
+
+
+class _PairCall(NamedTuple):
+    """A GenericPairLoss call in fused form: classes of rows and references, whether (i, i) is
+    excluded (rows are their own references), the pair counts, and the positive pairs when given
+    by an indices_tuple (None: all same-label pairs)."""
+
+    scorer: _Scorer
+    classes: ClassIds
+    exclude_self: bool
+    positive_count: int
+    negative_count: int
+    positive_pairs: Optional[Tuple[Tensor, Tensor]]
+
+    def has_no_loss(self) -> bool:
+        """pytorch-metric-learning's zero-loss cases: no pair of one kind, or at most one of each."""
+        return (self.positive_count == 0 or self.negative_count == 0
+                or (self.positive_count <= 1 and self.negative_count <= 1))
+
+    def negative_lse(self) -> Tensor:
+        """(N,) log-sum-exp of each row over its negatives (-inf for a row without any)."""
+        return self.scorer.row_lse(row_labels=self.classes.rows, col_labels=self.classes.refs,
+                                   same_label="exclude")
+
+
+def _integer_labels(**labels) -> Optional[Reason]:
+    for name, value in labels.items():
+        if value is None:
+            return f"{name}=None"
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return f"{name} of dtype {value.dtype}"
+    return None
+
+
+def _pair_call(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+               same_label_positives: bool) -> Union[_PairCall, Reason]:
+    """The fused form of a GenericPairLoss call (NTXentLoss, SupConLoss), or why there is none.
+    ``same_label_positives``: the loss needs given positive pairs to have equal labels (else
+    pytorch-metric-learning raises, and should)."""
+    distance = _fused_distance(loss.distance)
+    if isinstance(distance, Reason):
+        return distance
+    inverse_temperature = _inverse_temperature(loss.temperature, embeddings)
+    if isinstance(inverse_temperature, Reason):
+        return inverse_temperature
+    if ref_emb is not embeddings and ref_labels is None:
+        return "ref_emb without ref_labels"
+    reason = _integer_labels(labels=labels, ref_labels=ref_labels)
+    if reason is not None:
+        return reason
+    classes = ClassIds.of(labels, ref_labels)
+    exclude_self = ref_labels is labels  # as pytorch-metric-learning decides it
+    positive_count, negative_count = classes.pair_counts(exclude_self)
+    positive_pairs = None
+    if indices_tuple is not None:
+        rows, refs, negative_rows, negative_refs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        if not classes.are_all_negative_pairs(negative_rows, negative_refs):
+            return "indices_tuple whose negative pairs are not all pairs of different labels (a miner's)"
+        if same_label_positives and not bool((classes.rows[rows] == classes.refs[refs]).all()):
+            return "indices_tuple with a positive pair of different labels"
+        positive_pairs, positive_count = (rows, refs), rows.numel()
+    scorer = _Scorer(distance, inverse_temperature, embeddings, ref_emb, loss.backend)
+    return _PairCall(scorer, classes, exclude_self, positive_count, negative_count, positive_pairs)
+
+
+class _Fused:
+    """Shared by the three losses: the ``backend`` keyword (the other arguments are those of
+    ``_original``, the pytorch-metric-learning class a loss subclasses) and the fallback to it."""
+
+    _original: type
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        check.check_backend(backend)
+        self.backend = backend
+
+    def _fallback(self, reason: Reason, *arguments):
+        warn_fallback(self, reason, f"pytorch_metric_learning.losses.{self._original.__name__}")
+        return self._original.compute_loss(self, *arguments)
+
+
+class _FusedPairLoss(_Fused):
+    """NTXentLoss and SupConLoss (GenericPairLoss): fused calls are scored by ``_losses``."""
+
+    # Whether given positive pairs must have equal labels (else the original raises, and should).
+    _same_label_positives: bool
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        call = _pair_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                          self._same_label_positives)
+        if isinstance(call, Reason):
+            return self._fallback(call, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if call.has_no_loss():
+            return self.zero_losses()
+        _record_distance_stats(self.distance, embeddings, ref_emb)
+        return {"loss": self._losses(call, embeddings)}
+
+    def _losses(self, call: _PairCall, embeddings: Tensor) -> dict:
+        """The loss entry (losses, indices, reduction_type) of pytorch-metric-learning's loss dict."""
+        raise NotImplementedError
+
+
+class NTXentLoss(_FusedPairLoss, pml_losses.NTXentLoss):
+    """pytorch_metric_learning.losses.NTXentLoss, fused. Per positive pair (a, p):
+
+        loss_ap = -log(exp(S_ap) / (exp(S_ap) + sum_{n: y_n != y_a} exp(S_an)) + tiny)
+
+    the sum a label-masked log-sum-exp of row a, S_ap an O(D) dot product.
+    """
+
+    _original = pml_losses.NTXentLoss
+    _same_label_positives = False
+
+    def _losses(self, call: _PairCall, embeddings: Tensor) -> dict:
+        rows, refs = call.positive_pairs or call.classes.positive_pairs(call.exclude_self)
+        log_ratio = F.logsigmoid(call.scorer.pair_scores(rows, refs) - call.negative_lse()[rows])
+        tiny = torch.finfo(embeddings.dtype).tiny
+        losses = -torch.logaddexp(log_ratio, torch.full_like(log_ratio, math.log(tiny)))
+        return {"losses": losses.to(embeddings.dtype), "indices": (rows, refs),
+                "reduction_type": "pos_pair"}
+
+
+class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
+    """pytorch_metric_learning.losses.SupConLoss, fused. Per anchor i with positives P_i:
+
+        loss_i = lse_{j in P_i or negative} S_ij - mean_{p in P_i} S_ip     (0 without positives)
+
+    with all labels: the log-sum-exp over the row (less (i, i)) and the positives' mean from class
+    sums, O((N + M) D); with given positive pairs: the row's negatives (label-masked) and the
+    pairs' scores.
+    """
+
+    _original = pml_losses.SupConLoss
+    _same_label_positives = True
+
+    def _losses(self, call: _PairCall, embeddings: Tensor) -> dict:
+        if call.positive_pairs is None:
+            count, positive_sum, lse = self._all_label_terms(call)
+        else:
+            count, positive_sum, lse = self._given_pair_terms(call)
+        # Like pytorch-metric-learning: a row without positives has loss 0 / tiny = 0; masking both
+        # terms keeps its gradient 0 (1 / tiny times a zero vector would overflow to NaN).
+        without = count == 0
+        numerator = count * lse.masked_fill(without, 0.0) - positive_sum.masked_fill(without, 0.0)
+        losses = numerator / (count + torch.finfo(embeddings.dtype).tiny)
+        return {"losses": losses.to(embeddings.dtype),
+                "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}
+
+    @staticmethod
+    def _all_label_terms(call: _PairCall):
+        scorer, classes = call.scorer, call.classes
+        count = classes.positives_per_row(call.exclude_self).to(scorer.u.dtype)
+        class_sums = scorer.v.new_zeros(classes.ref_counts.numel(), scorer.v.shape[1])
+        class_sums = class_sums.index_add(0, classes.refs, scorer.v)[classes.rows]
+        if call.exclude_self:
+            class_sums = class_sums - scorer.v
+        positive_sum = scorer.scale * torch.linalg.vecdot(scorer.u, class_sums)
+        lse = scorer.row_lse(diag_offset=0 if call.exclude_self else None)
+        return count, positive_sum, lse
+
+    @staticmethod
+    def _given_pair_terms(call: _PairCall):
+        scorer, num_rows = call.scorer, call.classes.rows.numel()
+        rows, refs = unique_pairs(*call.positive_pairs, call.classes.refs.numel())
+        scores = scorer.pair_scores(rows, refs)
+        count = torch.bincount(rows, minlength=num_rows).to(scores.dtype)
+        positive_sum = scores.new_zeros(num_rows).index_add(0, rows, scores)
+        positive_lse = row_logsumexp(scores, rows, num_rows)
+        lse = torch.logaddexp(call.negative_lse(),
+                              torch.where(count > 0, positive_lse, torch.zeros_like(positive_lse)))
+        return count, positive_sum, lse
 
 
 def _first_two_of_each_label(labels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -41,70 +308,30 @@ def _first_two_of_each_label(labels: Tensor) -> Tuple[Tensor, Tensor]:
     return order[first_positions], order[first_positions + 1]
 
 
-def _zero_loss(embeddings: Tensor) -> Tensor:
-    """pytorch-metric-learning's loss of a batch without any pair to score: 0, differentiable."""
-    return (embeddings * 0).sum()
+class NPairsLoss(_Fused, pml_losses.NPairsLoss):
+    """pytorch_metric_learning.losses.NPairsLoss, fused: one (anchor, positive) pair per label,
+    and per anchor the cross-entropy of its similarities to all positives (own positive the
+    target), from one row log-sum-exp."""
 
+    _original = pml_losses.NPairsLoss
 
-class NTXentLoss(nn.Module):
-    """pytorch_metric_learning.losses.NTXentLoss (SimCLR's NT-Xent), fused.
-
-    Every label must occur exactly twice: the two views of one sample (``functional.nt_xent``).
-    """
-
-    def __init__(self, temperature=0.07, *, backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.backend = temperature, backend
-
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> Tensor:
-        _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        values, counts = labels.unique(return_counts=True)
-        if not bool((counts == 2).all()):
-            odd = counts != 2
-            raise ValueError(f"labels must hold every label exactly twice (two views per sample) "
-                             f"for NTXentLoss, got labels {values[odd][:5].tolist()} occurring "
-                             f"{counts[odd][:5].tolist()} times; SupConLoss takes any labels")
-        first, second = _first_two_of_each_label(labels)
-        return functional.nt_xent(embeddings[first], embeddings[second], self.temperature,
-                                  backend=self.backend)
-
-
-class SupConLoss(nn.Module):
-    """pytorch_metric_learning.losses.SupConLoss, fused (``functional.supcon_loss``); any labels.
-
-    As in pytorch-metric-learning the mean runs over the anchors that have a positive, and a batch
-    without any negative pair (a single label) has loss 0.
-    """
-
-    def __init__(self, temperature=0.1, *, backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.backend = temperature, backend
-
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> Tensor:
-        _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        loss = functional.supcon_loss(embeddings, labels, self.temperature, backend=self.backend)
-        has_negative = (labels != labels[0]).any()
-        return torch.where(has_negative, loss, torch.zeros_like(loss))
-
-
-class NPairsLoss(nn.Module):
-    """pytorch_metric_learning.losses.NPairsLoss, fused (``functional.npairs_loss``); any labels.
-
-    As in pytorch-metric-learning, each label occurring at least twice contributes one pair: its
-    first occurrence is the anchor, its second the positive; other embeddings are not used.
-    """
-
-    def __init__(self, *, backend: str = "auto"):
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> Tensor:
-        _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        anchors, positives = _first_two_of_each_label(labels)
-        if anchors.numel() == 0:
-            return _zero_loss(embeddings)
-        return functional.npairs_loss(embeddings[anchors], embeddings[positives],
-                                      backend=self.backend)
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        distance = _fused_distance(self.distance)
+        if isinstance(distance, Reason):
+            return self._fallback(distance, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if indices_tuple is None:
+            anchor_idx, positive_idx = _first_two_of_each_label(labels)
+        else:
+            anchor_idx, positive_idx = lmu.convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
+        self.num_pairs = len(anchor_idx)
+        if self.num_pairs == 0:
+            return self.zero_losses()
+        anchors, positives = embeddings[anchor_idx], embeddings[positive_idx]
+        _record_distance_stats(self.distance, anchors, positives)
+        one = torch.ones((), dtype=statistics_dtype(embeddings.dtype), device=embeddings.device)
+        scorer = _Scorer(distance, one, anchors, positives, self.backend)
+        positive = scorer.scale * torch.linalg.vecdot(scorer.u, scorer.v)
+        return {"loss": {"losses": (scorer.row_lse() - positive).to(embeddings.dtype),
+                         "indices": anchor_idx, "reduction_type": "element"}}

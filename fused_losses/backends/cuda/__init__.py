@@ -4,6 +4,7 @@ Registry interface (see ``fused_losses.backends``):
 
     unavailable_reason(device) -> None, or why the backend cannot run on ``device`` and how to fix it
     make_kernels(fp32_precision="split_tf32", workspace_limit_bytes=256 MiB) -> CudaKernels
+    FEATURES: the optional features implemented (none yet)
 
 The extension is compiled ahead of time by setup.py (``FUSED_LOSSES_BUILD_CUDA=1``) or
 ``python -m fused_losses.backends.cuda.build``, or else just in time on first use from a source
@@ -17,6 +18,9 @@ from typing import Optional
 import torch
 
 MIN_CAPABILITY = (8, 0)
+
+# Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
+FEATURES = frozenset()
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -43,4 +47,4 @@ def make_kernels(**options):
     return CudaKernels(**options)
 
 
-__all__ = ["make_kernels", "unavailable_reason"]
+__all__ = ["FEATURES", "make_kernels", "unavailable_reason"]

@@ -18,6 +18,9 @@ import torch
 
 INTERPRETER_ENV = "TRITON_INTERPRET"
 
+# Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
+FEATURES = frozenset()
+
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the kernels can run on tensors of ``device``; otherwise why not and what to do."""
