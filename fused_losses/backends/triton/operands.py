@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,6 +69,17 @@ class Similarity:
     def input_precision(self) -> str:
         return launch.fp32_input_precision() if self.q.dtype == torch.float32 else "ieee"
 
+    def tile_options(self, config: launch.KernelConfig) -> dict:
+        """Constexprs and launch options of the tile kernels for ``config``: mask, whether D splits
+        into whole dot steps (no feature mask), approximate fast math (not in the interpreter),
+        block sizes, dot precision, warps and stages."""
+        return dict(
+            HAS_MASK=self.diag_offset is not None, EVEN_D=self.dim % config.block_d == 0,
+            APPROX_MATH=launch.gpu_target(self.device) is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            INPUT_PRECISION=self.input_precision(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
     def kernel_args(self) -> Tuple:
         """q, k, inv_norm_q, inv_norm_k, scale, N, M, D, mask offset and strides, in the order
         the kernels take them."""
@@ -101,8 +112,30 @@ class WeightTerms:
     def transposed(self) -> "WeightTerms":
         return WeightTerms(self.col_stat, self.col_grad, self.row_stat, self.row_grad)
 
-    def kernel_args(self) -> Tuple:
-        return self.row_stat, self.row_grad, self.col_stat, self.col_grad
+    def scaled(self, factor: Tensor) -> "WeightTerms":
+        """The terms of factor * W."""
+        return replace(self, row_grad=None if self.row_grad is None else self.row_grad * factor,
+                       col_grad=None if self.col_grad is None else self.col_grad * factor)
+
+    def grads(self) -> List[Tensor]:
+        return [g for g in (self.row_grad, self.col_grad) if g is not None]
+
+    def kernel_args(self, block_n: int) -> Tuple:
+        """row_stat, row_grad, col_stat, col_grad, col_base, col_ref as the kernels take them; the
+        last two only with both terms (softmax weights in log2 units, +inf stats for empty lines):
+        col_ref[t] = min of col_stat over column tile t of ``block_n`` columns and
+        col_base_j = col_grad_j 2^(col_ref[tile of j] - col_stat_j), so that a tile's column
+        coefficients col_grad_j 2^(shift - col_stat_j) cost one product, not an exponential."""
+        base = ref = None
+        if self.row_grad is not None and self.col_grad is not None:
+            m = self.col_stat.shape[0]
+            tiles = -(-m // block_n)
+            padded = self.col_stat.new_full((tiles * block_n,), float("inf"))
+            padded[:m] = self.col_stat
+            ref = padded.view(tiles, block_n).amin(dim=1)
+            exponent = ref.repeat_interleave(block_n)[:m] - self.col_stat
+            base = torch.where(self.col_stat == float("inf"), 0.0, self.col_grad * torch.exp2(exponent))
+        return self.row_stat, self.row_grad, self.col_stat, self.col_grad, base, ref
 
     def flags(self) -> dict:
         """HAS_ROW_TERM / HAS_COL_TERM constexprs."""
