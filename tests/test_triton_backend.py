@@ -497,6 +497,28 @@ def test_feature_offsets_that_overflow_int32_are_made_row_major():
     assert _int32_feature_offsets(small) is small
 
 
+def test_tma_descriptors_only_where_they_fit():
+    # TMA reads rows at 16-byte aligned strides with a unit feature stride; IEEE fp32 dots (FMA
+    # units) keep pointer loads. Both paths run in the other tests (D = 16 and 20 in fp32, fp16).
+    def uses(q, k):
+        ones = torch.ones(max(q.shape[0], k.shape[0]))
+        return Similarity.checked(q, k, ones[: q.shape[0]], ones[: k.shape[0]], torch.tensor(1.0), None).uses_descriptors()
+
+    half = torch.zeros(8, 16, dtype=torch.float16)
+    assert uses(half, half)
+    assert not uses(torch.zeros(8, 20, dtype=torch.float16), torch.zeros(8, 20, dtype=torch.float16))  # 40 B rows
+    assert not uses(half, torch.zeros(16, 8, dtype=torch.float16).T)  # feature stride 8
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert not uses(half.float(), half.float())
+        matmul.fp32_precision = "tf32"
+        assert uses(half.float(), half.float())
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_launches_are_guarded_to_the_inputs_device():
     # triton launches on the current CUDA device and stream, not on the tensors' device.
     from fused_losses.backends.triton.operands import device_guard

@@ -117,13 +117,14 @@ def weight_scales(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor,
 
 def chunk_rows(n: int, m: int, element_size: int, row_multiple: int) -> int:
     """Rows per chunk of W (see the module docstring): a multiple of ``row_multiple``."""
-    padded = _padded_columns(m)
+    padded = padded_columns(m)
     rows = max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (padded * element_size))
     rows = max(row_multiple, rows // row_multiple * row_multiple)
     return min(rows, -(-n // row_multiple) * row_multiple)
 
 
-def _padded_columns(m: int) -> int:
+def padded_columns(m: int) -> int:
+    """Row stride (elements) of the weights workspace for M columns."""
     return max(COLUMN_ALIGN, -(-m // COLUMN_ALIGN) * COLUMN_ALIGN)
 
 
@@ -148,7 +149,7 @@ def gemm_path(device_type: str, dtype: torch.dtype) -> str:
     return "upcast"
 
 
-def _product(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, path: str) -> None:
+def fp32_product(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, path: str) -> None:
     """out (+)= a @ b, fp32 accumulation, into the fp32 ``out`` in place."""
     if path == "upcast":
         a, b = a.float(), b.float()
@@ -185,7 +186,7 @@ def chunked_backward(
     q, k = _gemm_operand(q), _gemm_operand(k)
     path = gemm_path(q.device.type, q.dtype)
     rows = chunk_rows(n, m, q.element_size(), row_multiple)
-    workspace = torch.empty((rows, _padded_columns(m)), dtype=q.dtype, device=q.device)
+    workspace = torch.empty((rows, padded_columns(m)), dtype=q.dtype, device=q.device)
     chunk_sums = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)
@@ -195,8 +196,8 @@ def chunked_backward(
             if chunk_sum is None:
                 raise ValueError("write_weights must return the chunk's sum of W when sum_weights=True")
             chunk_sums.append(chunk_sum.reshape(()).to(torch.float32))
-        _product(chunk, k, u[start:stop], False, path)
-        _product(chunk.T, q[start:stop], v, start > 0, path)
+        fp32_product(chunk, k, u[start:stop], False, path)
+        fp32_product(chunk.T, q[start:stop], v, start > 0, path)
     u.mul_((scale.to(torch.float32) / row_scale)[:, None])
     v.mul_((scale.to(torch.float32) / (factor * col_scale))[:, None])
     return u, v, torch.stack(chunk_sums).sum() if sum_weights else None

@@ -25,14 +25,14 @@ from fused_losses.backends.triton.tiles import (
 
 @triton.jit(do_not_specialize=["first_row_block", "blocks_per_split"])
 def weights_kernel(
-    q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
+    q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
     stride_qn, stride_qd, stride_kn, stride_kd,
     row_stat_ptr, row_grad_ptr, col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr,
     row_scale_ptr, col_scale_ptr, weights_ptr, weights_row_stride, weight_sums_ptr,
     first_row_block, blocks_per_split,
     row_constants_fn: tl.constexpr, weights_fn: tl.constexpr, LOGIT_UNIT: tl.constexpr,
     HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, SUM_WEIGHTS: tl.constexpr,
-    HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (row block b of the chunk, column split c): for the split's columns,
@@ -41,8 +41,7 @@ def weights_kernel(
     sum of W (unscaled)."""
     local_block = tl.program_id(0)
     row_block = first_row_block + local_block
-    rows, q_row_ptrs, row_in, row_factor = row_block_setup(
-        q_ptr, inv_norm_q_ptr, scale_ptr, row_block, n_rows, stride_qn, LOGIT_UNIT, BLOCK_M)
+    row_start, rows, row_in, row_factor = row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOGIT_UNIT, BLOCK_M)
     row_edge = is_edge(row_block, n_rows, BLOCK_M)
     row = row_terms(row_stat_ptr, row_grad_ptr, rows, row_in, row_constants_fn, HAS_ROW_TERM, HAS_COL_TERM, BLOCK_M)
     local_rows = local_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -52,12 +51,12 @@ def weights_kernel(
     first, iterations, k_steps = flattened_range(tl.program_id(1), blocks_per_split, n_cols, dim, BLOCK_N, BLOCK_D)
     dots = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for iteration in range(0, iterations):
-        dots, col_block, cols, col_in, tile_done = flattened_step(
-            iteration, first, k_steps, dots, q_row_ptrs, row_in, k_ptr, n_cols, dim, stride_qd, stride_kn, stride_kd,
-            EVEN_D, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        dots, col_block, tile_done = flattened_step(
+            iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
+            stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         if tile_done:
-            s, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block, cols, col_in,
-                                    n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
+                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
             col = column_terms(col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr, cols, col_in, col_block,
                                HAS_ROW_TERM, HAS_COL_TERM, BLOCK_N)
             w = weights_fn(s, row, col, HAS_ROW_TERM, HAS_COL_TERM)
@@ -76,6 +75,15 @@ def chunked_gradients(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(U, V, sum of W or None); see ``gradient.similarity_gradients``. ``weights``: the
     primitive's ``gradient.WeightFunctions``; ``config``: the weights kernel's tiles."""
+    return chunked_backward.chunked_backward(
+        sim.q, sim.k, sim.inv_norm_q, sim.inv_norm_k, sim.scale, chunked_backward.weight_bound(*terms.grads()),
+        weights_writer(sim, terms, weights, sum_weights, config), row_multiple=config.block_m, sum_weights=sum_weights)
+
+
+def weights_writer(sim: Similarity, terms: WeightTerms, weights, sum_weights: bool,
+                   config: launch.KernelConfig) -> chunked_backward.WeightsWriter:
+    """The weights writer of ``chunked_backward`` for these terms: launches ``weights_kernel`` on
+    one chunk of rows (chunk starts multiples of config.block_m)."""
     options = dict(row_constants_fn=weights.row_constants, weights_fn=weights.weights, LOGIT_UNIT=weights.logit_unit,
                    SUM_WEIGHTS=sum_weights, **terms.flags(), **sim.tile_options(config))
     term_args = terms.kernel_args(config.block_n)
@@ -86,7 +94,7 @@ def chunked_gradients(
         num_row_blocks = launch.cdiv(stop - start, config.block_m)
 
         def args(weight_sums, blocks_per_split):
-            return (*sim.kernel_args(), *term_args, row_scale, col_scale, out, out.stride(0), weight_sums,
+            return (*sim.kernel_args(config), *term_args, row_scale, col_scale, out, out.stride(0), weight_sums,
                     start // config.block_m, blocks_per_split)
 
         if not resident:
@@ -97,7 +105,4 @@ def chunked_gradients(
         weights_kernel[(num_row_blocks, splits)](*args(weight_sums, blocks_per_split), **options)
         return weight_sums.sum() if sum_weights else None
 
-    bound = chunked_backward.weight_bound(*terms.grads())
-    return chunked_backward.chunked_backward(
-        sim.q, sim.k, sim.inv_norm_q, sim.inv_norm_k, sim.scale, bound, write_weights,
-        row_multiple=config.block_m, sum_weights=sum_weights)
+    return write_weights

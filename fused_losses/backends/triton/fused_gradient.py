@@ -63,8 +63,7 @@ def fused_gradient_kernel(
     feature_block = tl.program_id(1)
     split = tl.program_id(2)
     dtype = q_ptr.dtype.element_ty
-    rows, q_row_ptrs, row_in, row_factor = row_block_setup(
-        q_ptr, inv_norm_q_ptr, scale_ptr, row_block, n_rows, stride_qn, LOGIT_UNIT, BLOCK_M)
+    row_start, rows, row_in, row_factor = row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOGIT_UNIT, BLOCK_M)
     row_edge = is_edge(row_block, n_rows, BLOCK_M)
     row = row_terms(row_stat_ptr, row_grad_ptr, rows, row_in, row_constants_fn, HAS_ROW_TERM, HAS_COL_TERM, BLOCK_M)
     features = feature_block * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
@@ -73,9 +72,9 @@ def fused_gradient_kernel(
     weight_sums = tl.zeros((BLOCK_M,), tl.float32)
     first, last = split_block_range(split, blocks_per_split, n_cols, BLOCK_N)
     for col_block in range(first, last):
-        s, cols, col_in, k_row_ptrs, col_factor = similarity_tile(
-            rows, q_row_ptrs, row_in, row_factor, k_ptr, inv_norm_k_ptr, col_block,
-            n_cols, dim, diag_offset, stride_qd, stride_kn, stride_kd, row_edge,
+        s, cols, col_in, col_factor = similarity_tile(
+            row_start, rows, row_in, row_factor, q_ptr, k_ptr, inv_norm_k_ptr, col_block, n_rows, n_cols, dim,
+            diag_offset, stride_qn, stride_qd, stride_kn, stride_kd, row_edge,
             HAS_MASK, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         col = column_terms(col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr, cols, col_in, col_block,
                            HAS_ROW_TERM, HAS_COL_TERM, BLOCK_N)
@@ -83,6 +82,7 @@ def fused_gradient_kernel(
         if SUM_WEIGHTS:
             weight_sums += tl.sum(w, 1)
         # c_j goes on the operand, not on W: v = c k is bounded by 1 in fp16, W * c_j is not.
+        k_row_ptrs = k_ptr + cols.to(tl.int64) * stride_kn
         v = load_block(k_row_ptrs, col_in, features, feature_in, stride_kd, False) * col_factor[:, None]
         acc = tl.dot(w.to(dtype), v.to(dtype), acc, input_precision=INPUT_PRECISION)
     acc = acc * tl.load(out_scale_ptr)
@@ -119,7 +119,7 @@ def _row_gradients(sim: Similarity, terms: WeightTerms, weights, out_scale: Tens
     num_col_blocks = launch.cdiv(sim.m, config.block_n)
     max_splits = launch.max_gradient_splits(sim.n, sim.dim) if deterministic else num_col_blocks
     options = dict(row_constants_fn=weights.row_constants, weights_fn=weights.weights, LOGIT_UNIT=weights.logit_unit,
-                   SUM_WEIGHTS=sum_weights, BLOCK_OUT=config.block_out, **terms.flags(), **sim.tile_options(config))
+                   SUM_WEIGHTS=sum_weights, BLOCK_OUT=config.block_out, **terms.flags(), **sim.tile_options(config, tma=False))
     term_args = terms.kernel_args(config.block_n)
     stand_in = sim.scratch(1)
     # Occupancy of the non-atomic build (whether to add atomically follows from the splits).

@@ -79,10 +79,10 @@ def _column_lse_from_row_exponentials(s, p, row_max, col_in, APPROX_MATH: tl.con
 
 @triton.jit(do_not_specialize=["first_row_block", "blocks_per_split"])
 def lse_forward_kernel(
-    q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
+    q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
     stride_qn, stride_qd, stride_kn, stride_kd,
     row_partials_ptr, col_partials_ptr, first_row_block, blocks_per_split,
-    WANT_ROWS: tl.constexpr, WANT_COLS: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+    WANT_ROWS: tl.constexpr, WANT_COLS: tl.constexpr, HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr,
     APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -91,20 +91,19 @@ def lse_forward_kernel(
     col_partials[b, columns of c] = log-sum-exp over the block's rows (WANT_COLS)."""
     local_block = tl.program_id(0)
     row_block = first_row_block + local_block
-    rows, q_row_ptrs, row_in, row_factor = row_block_setup(
-        q_ptr, inv_norm_q_ptr, scale_ptr, row_block, n_rows, stride_qn, LOG2E, BLOCK_M)
+    row_start, rows, row_in, row_factor = row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOG2E, BLOCK_M)
     row_edge = is_edge(row_block, n_rows, BLOCK_M)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sums = tl.zeros((BLOCK_M,), tl.float32)
     first, iterations, k_steps = flattened_range(tl.program_id(1), blocks_per_split, n_cols, dim, BLOCK_N, BLOCK_D)
     dots = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for iteration in range(0, iterations):
-        dots, col_block, cols, col_in, tile_done = flattened_step(
-            iteration, first, k_steps, dots, q_row_ptrs, row_in, k_ptr, n_cols, dim, stride_qd, stride_kn, stride_kd,
-            EVEN_D, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        dots, col_block, tile_done = flattened_step(
+            iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
+            stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         if tile_done:
-            s, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block, cols, col_in,
-                                    n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
+                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
             if WANT_ROWS:
                 row_max = tl.max(s, 1)
                 p = tl.exp2(s - _finite_or_zero(row_max)[:, None])
@@ -176,7 +175,7 @@ def lse_forward_with(sim: Similarity, want_rows: bool, want_cols: bool, config: 
     options = dict(WANT_ROWS=want_rows, WANT_COLS=want_cols, **sim.tile_options(config))
     stand_in = sim.scratch(1)  # any fp32 buffer: the occupancy query does not depend on the grid
     resident = launch.resident_programs(
-        lse_forward_kernel, (*sim.kernel_args(), stand_in if want_rows else None, stand_in if want_cols else None, 0, 1),
+        lse_forward_kernel, (*sim.kernel_args(config), stand_in if want_rows else None, stand_in if want_cols else None, 0, 1),
         options, sim.device)
     splits, blocks_per_split = launch.plan_splits(num_col_blocks, launch_blocks, resident, num_col_blocks)
     row_partials = sim.scratch(splits, sim.n) if want_rows else None
@@ -185,7 +184,7 @@ def lse_forward_with(sim: Similarity, want_rows: bool, want_cols: bool, config: 
     for first_block in range(0, num_row_blocks, launch_blocks):
         blocks = min(launch_blocks, num_row_blocks - first_block)
         lse_forward_kernel[(blocks, splits)](
-            *sim.kernel_args(), row_partials, col_partials, first_block, blocks_per_split, **options)
+            *sim.kernel_args(config), row_partials, col_partials, first_block, blocks_per_split, **options)
         if want_cols:
             launch_lse = torch.logsumexp(col_partials[:blocks], dim=0)
             lse_col = launch_lse if lse_col is None else torch.logaddexp(lse_col, launch_lse)
@@ -209,12 +208,19 @@ def lse_backward(
             raise ValueError(f"a gradient for {name} needs {name} from the forward")
     if grad_row is None and grad_col is None:
         return sim.zero_gradients()
+    terms, weights = softmax_terms(lse_row, lse_col, grad_row, grad_col)
+    u, v, _ = similarity_gradients(sim, terms, weights, options)
+    return u, v
+
+
+def softmax_terms(lse_row: Optional[Tensor], lse_col: Optional[Tensor], grad_row: Optional[Tensor],
+                  grad_col: Optional[Tensor]) -> Tuple[WeightTerms, WeightFunctions]:
+    """The backward's softmax W as the gradient kernels take it: terms (log2-unit statistics, fp32
+    gradients; a term without its gradient is absent) and weight functions."""
     terms = WeightTerms(
         row_stat=_log2_stat(lse_row) if grad_row is not None else None,
         row_grad=grad_row.to(torch.float32).contiguous() if grad_row is not None else None,
         col_stat=_log2_stat(lse_col) if grad_col is not None else None,
         col_grad=grad_col.to(torch.float32).contiguous() if grad_col is not None else None,
     )
-    weights = WeightFunctions(softmax_row_constants, softmax_weights, LOG2E.value)
-    u, v, _ = similarity_gradients(sim, terms, weights, options)
-    return u, v
+    return terms, WeightFunctions(softmax_row_constants, softmax_weights, LOG2E.value)

@@ -39,29 +39,28 @@ def _log2_one_plus_exp2(y, APPROX_MATH: tl.constexpr):
 
 @triton.jit(do_not_specialize=["blocks_per_split"])
 def softplus_forward_kernel(
-    q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
+    q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
     stride_qn, stride_qd, stride_kn, stride_kd,
     bias_ptr, row_partials_ptr, blocks_per_split,
-    HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (row block, column split c): row_partials[c, rows] = sum over the split's columns
     of softplus(S_ij + bias)."""
     row_block = tl.program_id(0)
-    rows, q_row_ptrs, row_in, row_factor = row_block_setup(
-        q_ptr, inv_norm_q_ptr, scale_ptr, row_block, n_rows, stride_qn, LOG2E, BLOCK_M)
+    row_start, rows, row_in, row_factor = row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOG2E, BLOCK_M)
     row_edge = is_edge(row_block, n_rows, BLOCK_M)
     bias = tl.load(bias_ptr) * LOG2E
     sums = tl.zeros((BLOCK_M,), tl.float32)
     first, iterations, k_steps = flattened_range(tl.program_id(1), blocks_per_split, n_cols, dim, BLOCK_N, BLOCK_D)
     dots = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for iteration in range(0, iterations):
-        dots, col_block, cols, col_in, tile_done = flattened_step(
-            iteration, first, k_steps, dots, q_row_ptrs, row_in, k_ptr, n_cols, dim, stride_qd, stride_kn, stride_kd,
-            EVEN_D, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        dots, col_block, tile_done = flattened_step(
+            iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
+            stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         if tile_done:
-            s, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block, cols, col_in,
-                                    n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
+                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
             sums += tl.sum(_log2_one_plus_exp2(s + bias, APPROX_MATH), 1)
     tl.store(row_partials_ptr + tl.program_id(1) * n_rows + rows, sums * LN2, mask=row_in)
 
@@ -96,11 +95,11 @@ def softplus_forward_with(sim: Similarity, bias: Tensor, config: launch.KernelCo
     num_col_blocks = launch.cdiv(sim.m, config.block_n)
     options = sim.tile_options(config)
     resident = launch.resident_programs(
-        softplus_forward_kernel, (*sim.kernel_args(), bias, sim.scratch(1), 1), options, sim.device)
+        softplus_forward_kernel, (*sim.kernel_args(config), bias, sim.scratch(1), 1), options, sim.device)
     splits, blocks_per_split = launch.plan_splits(num_col_blocks, num_row_blocks, resident, num_col_blocks)
     row_partials = sim.scratch(splits, sim.n)
     softplus_forward_kernel[(num_row_blocks, splits)](
-        *sim.kernel_args(), bias, row_partials, blocks_per_split, **options)
+        *sim.kernel_args(config), bias, row_partials, blocks_per_split, **options)
     return row_partials.sum(dim=0)
 
 

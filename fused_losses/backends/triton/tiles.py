@@ -22,21 +22,14 @@ def load_block(row_ptrs, row_in, features, feature_in, stride_feature, EVEN_D: t
 
 
 @triton.jit
-def row_block_setup(q_ptr, inv_norm_q_ptr, scale_ptr, row_block, n_rows, stride_qn, LOGIT_UNIT: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """(rows, per-row base pointers into q, rows in bounds, row factors scale * r_i * LOGIT_UNIT)
-    of one block of rows; LOGIT_UNIT = log2(e) gives S in log2 units."""
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+def row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOGIT_UNIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(first row, rows, rows in bounds, row factors scale * r_i * LOGIT_UNIT) of one block of
+    rows; LOGIT_UNIT = log2(e) gives S in log2 units."""
+    row_start = row_block * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
     row_factor = tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0) * tl.load(scale_ptr) * LOGIT_UNIT
-    return rows, q_ptr + rows.to(tl.int64) * stride_qn, row_in, row_factor
-
-
-@triton.jit
-def column_block(k_ptr, col_block, n_cols, stride_kn, BLOCK_N: tl.constexpr):
-    """(columns, columns in bounds, per-column base pointers into k) of one column tile."""
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    return cols, cols < n_cols, k_ptr + cols.to(tl.int64) * stride_kn
+    return row_start, rows, row_in, row_factor
 
 
 @triton.jit
@@ -49,13 +42,22 @@ def tile_step(iteration, first, k_steps):
 
 
 @triton.jit
-def dot_step(acc, q_row_ptrs, row_in, k_row_ptrs, col_in, step, dim, stride_qd, stride_kd,
-             EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + q[rows, features] @ k[cols, features]^T for the features of D step ``step``."""
-    features = step * BLOCK_D + tl.arange(0, BLOCK_D)
-    feature_in = features < dim
-    q = load_block(q_row_ptrs, row_in, features, feature_in, stride_qd, EVEN_D)
-    k = load_block(k_row_ptrs, col_in, features, feature_in, stride_kd, EVEN_D)
+def dot_step(acc, q_src, k_src, row_start, col_start, n_rows, n_cols, step, dim, stride_qn, stride_qd,
+             stride_kn, stride_kd, TMA: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + q[rows, features] @ k[cols, features]^T for the features of D step ``step``, rows and
+    columns from row_start / col_start. With TMA, q_src and k_src are tensor descriptors of
+    (BLOCK_M, BLOCK_D) and (BLOCK_N, BLOCK_D) blocks (zeros outside, no masks); else pointers."""
+    if TMA:
+        q = q_src.load([row_start, step * BLOCK_D])
+        k = k_src.load([col_start, step * BLOCK_D])
+    else:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        cols = col_start + tl.arange(0, BLOCK_N)
+        features = step * BLOCK_D + tl.arange(0, BLOCK_D)
+        feature_in = features < dim
+        q = load_block(q_src + rows.to(tl.int64) * stride_qn, rows < n_rows, features, feature_in, stride_qd, EVEN_D)
+        k = load_block(k_src + cols.to(tl.int64) * stride_kn, cols < n_cols, features, feature_in, stride_kd, EVEN_D)
     return tl.dot(q, tl.trans(k), acc, input_precision=INPUT_PRECISION)
 
 
@@ -88,47 +90,49 @@ def flattened_range(split, blocks_per_split, n_cols, dim, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def flattened_step(iteration, first, k_steps, dots, q_row_ptrs, row_in, k_ptr, n_cols, dim,
-                   stride_qd, stride_kn, stride_kd, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One iteration of the flattened loop: (dots after its D step, column tile, its columns,
-    columns in bounds, whether the tile's dots are complete)."""
+def flattened_step(iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim,
+                   stride_qn, stride_qd, stride_kn, stride_kd, TMA: tl.constexpr, EVEN_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One iteration of the flattened loop: (dots after its D step, column tile, whether the
+    tile's dots are complete)."""
     col_block, step, tile_done = tile_step(iteration, first, k_steps)
-    cols, col_in, k_row_ptrs = column_block(k_ptr, col_block, n_cols, stride_kn, BLOCK_N)
-    dots = dot_step(dots, q_row_ptrs, row_in, k_row_ptrs, col_in, step, dim, stride_qd, stride_kd,
-                    EVEN_D, BLOCK_D, INPUT_PRECISION)
-    return dots, col_block, cols, col_in, tile_done
+    dots = dot_step(dots, q_src, k_src, row_start, col_block * BLOCK_N, n_rows, n_cols, step, dim, stride_qn,
+                    stride_qd, stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    return dots, col_block, tile_done
 
 
 @triton.jit
-def finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block, cols, col_in, n_cols,
-                  diag_offset, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(S tile of a column tile's complete dots, zeroed dots for the next tile)."""
+def finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block, n_cols, diag_offset,
+                  HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(S tile of a column tile's complete dots, its columns, columns in bounds, zeroed dots for
+    the next tile)."""
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < n_cols
     col_factor = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
     s = logits(dots, rows, row_in, row_factor, cols, col_in, col_factor, diag_offset,
                row_edge | is_edge(col_block, n_cols, BLOCK_N), HAS_MASK)
-    return s, tl.zeros_like(dots)
+    return s, cols, col_in, tl.zeros_like(dots)
 
 
 @triton.jit
 def similarity_tile(
-    rows, q_row_ptrs, row_in, row_factor, k_ptr, inv_norm_k_ptr, col_block,
-    n_cols, dim, diag_offset, stride_qd, stride_kn, stride_kd, row_edge,
+    row_start, rows, row_in, row_factor, q_ptr, k_ptr, inv_norm_k_ptr, col_block, n_rows, n_cols, dim, diag_offset,
+    stride_qn, stride_qd, stride_kn, stride_kd, row_edge,
     HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """S tile (BLOCK_M, BLOCK_N) fp32 of column block ``col_block`` with its own D loop (the
-    fused backward's nested loop). Returns (s, cols, cols in bounds, per-column base pointers
-    into k, c_j)."""
-    cols, col_in, k_row_ptrs = column_block(k_ptr, col_block, n_cols, stride_kn, BLOCK_N)
+    """S tile (BLOCK_M, BLOCK_N) fp32 of column block ``col_block`` with its own D loop over
+    pointer loads (the fused backward's nested loop). Returns (s, cols, cols in bounds, c_j)."""
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < n_cols
     col_factor = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
     dots = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for step in range(0, tl.cdiv(dim, BLOCK_D)):
-        dots = dot_step(dots, q_row_ptrs, row_in, k_row_ptrs, col_in, step, dim, stride_qd, stride_kd,
-                        EVEN_D, BLOCK_D, INPUT_PRECISION)
+        dots = dot_step(dots, q_ptr, k_ptr, row_start, col_block * BLOCK_N, n_rows, n_cols, step, dim, stride_qn,
+                        stride_qd, stride_kn, stride_kd, False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     edge = row_edge | is_edge(col_block, n_cols, BLOCK_N)
     s = logits(dots, rows, row_in, row_factor, cols, col_in, col_factor, diag_offset, edge, HAS_MASK)
-    return s, cols, col_in, k_row_ptrs, col_factor
+    return s, cols, col_in, col_factor
 
 
 @triton.jit
