@@ -1,8 +1,9 @@
 """The triton backend's kernels against a dense float64 computation of the contract
 (fused_losses/backends/base.py). Runs in triton's interpreter when there is no GPU.
 
-Every scratch buffer the backend allocates is filled with NaN first (``poisoned_buffers``), so an
-element a kernel fails to write shows up as NaN in the results.
+Every scratch buffer the backend allocates, and the chunked backward's U, V and weights workspace,
+is filled with NaN first (``poisoned_buffers``), so an element a kernel fails to write shows up as
+NaN in the results.
 """
 
 import os
@@ -50,6 +51,8 @@ def poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=self.device)
 
     monkeypatch.setattr(Similarity, "scratch", nan_buffer)
+    monkeypatch.setattr(chunked_backward, "uninitialized",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
 # Options of every ``kernels()`` of a test; the ``gradient_strategy`` fixture sets the backward's.
@@ -546,3 +549,7 @@ def test_kernels_compile_for_h100_without_register_spills():
         # forward + weights kernel per case; the fused backward adds its kernel to the forward
         assert len(reports) == 2 * len(cases or DEFAULT_CASES), run.stdout
         assert all(" spill 0 B," in line and " 0 CTA/SM" not in line for line in reports), run.stdout
+        # The tensor-core tile loops keep their MMAs asynchronous: no full wait on every iteration
+        # (the fused backward's nested loops drain once per tile by design).
+        tile_loops = [line for line in reports if " wgmma 0," not in line and "fused_gradient" not in line]
+        assert tile_loops and all("(every iteration 0)" in line for line in tile_loops), run.stdout

@@ -166,6 +166,11 @@ def fp32_product(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, path: str)
         torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
+def uninitialized(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the driver fills (U, V, the weights workspace); tests poison it with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def chunked_backward(
     q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor, bound: Tensor,
     write_weights: WeightsWriter, *, row_multiple: int = 1, sum_weights: bool = False,
@@ -180,13 +185,13 @@ def chunked_backward(
     if n == 0 or m == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=q.device)
         return zeros((n, dim)), zeros((m, dim)), zeros(()) if sum_weights else None
-    u = torch.empty((n, dim), dtype=torch.float32, device=q.device)
-    v = torch.empty((m, dim), dtype=torch.float32, device=q.device)
+    u = uninitialized((n, dim), torch.float32, q.device)
+    v = uninitialized((m, dim), torch.float32, q.device)
     row_scale, col_scale, factor = weight_scales(q, k, inv_norm_q, inv_norm_k, bound)
     q, k = _gemm_operand(q), _gemm_operand(k)
     path = gemm_path(q.device.type, q.dtype)
     rows = chunk_rows(n, m, q.element_size(), row_multiple)
-    workspace = torch.empty((rows, padded_columns(m)), dtype=q.dtype, device=q.device)
+    workspace = uninitialized((rows, padded_columns(m)), q.dtype, q.device)
     chunk_sums = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)

@@ -1,10 +1,12 @@
 """Device helpers shared by the kernels: operand blocks, the flattened tile loop and S tiles.
 
 A program owns a block of rows of S (queries) and walks over a range of column tiles (keys). The
-forward and weights kernels run one flattened loop over (column tile, D step) pairs, so the loads
-of the next tile are in flight while the epilogue of the current one runs (``tile_step``,
-``dot_step``, then ``logits`` on the last D step of a tile). Everything outside the N x M matrix
-reads as zero operands and as -inf similarities, so it drops out of every sum.
+forward and weights kernels run one flattened loop over (column tile, D step) pairs
+(``flattened_range``, ``flattened_step``; the tile's epilogue under ``if tile_done`` after
+``finished_tile``), so the loads of the next tile are in flight while the epilogue of the current
+one runs. Operands come through TMA descriptors or pointer loads (``dot_step``). Everything
+outside the N x M matrix reads as zero operands and as -inf similarities, so it drops out of
+every sum.
 """
 
 import triton
