@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh checks            # build the CUDA extension, every GPU test, memcheck
 #   bash benchmarks/gpu_session.sh sweep PRESET      # one part of the benchmark sweep (benchmarks/README.md):
 #        gpu-bf16-clip gpu-bf16-siglip gpu-fp32-clip gpu-fp32-siglip gpu-max-batch-clip gpu-max-batch-siglip
+#   bash benchmarks/gpu_session.sh kernels [NxD ...] # each piece of the CLIP forward+backward against torch.mm,
+#        bf16 (benchmarks/kernels.py; default 65536x512 65536x1024, give 32768x512 32768x1024 if short): < 5 min
 #
 # Peers for the sweep (Inf-CL, open_clip) travel as wheels in .whl/ (benchmarks/README.md).
 set -euo pipefail
@@ -34,6 +36,15 @@ case "${1:-}" in
       export PYTHONPATH="$PYTHONPATH:/tmp/peers"
     fi
     python3 -m benchmarks.run --preset "$preset" --out-dir "$out"
+    ;;
+  kernels)  # builds the CUDA extension first (~1 min) so that its pieces are timed too (skipped if it fails)
+    log="$out/kernels.log"
+    MAX_JOBS=16 FUSED_LOSSES_CUDA_ARCHS="$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')" \
+      python3 -m fused_losses.backends.cuda.build 2>&1 | tail -3 | tee "$log" || true
+    shift
+    sizes=("$@")
+    [ ${#sizes[@]} -gt 0 ] || sizes=(65536x512 65536x1024)
+    python3 -m benchmarks.kernels --sizes "${sizes[@]}" --out "$out/kernels_$(date +%Y-%m-%d).jsonl" 2>&1 | tee -a "$log"
     ;;
   *)
     sed -n '2,12p' "$0"

@@ -1,8 +1,9 @@
 """The triton backend's kernels against a dense float64 computation of the contract
 (fused_losses/backends/base.py). Runs in triton's interpreter when there is no GPU.
 
-Every scratch buffer the backend allocates is filled with NaN first (``poisoned_buffers``), so an
-element a kernel fails to write shows up as NaN in the results.
+Every scratch buffer the backend allocates, and the chunked backward's U, V and weights workspace,
+is filled with NaN first (``poisoned_buffers``), so an element a kernel fails to write shows up as
+NaN in the results.
 """
 
 import os
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from fused_losses.backends import chunked_backward  # noqa: E402
 from fused_losses.backends import triton as triton_backend  # noqa: E402
 from fused_losses.backends.triton import launch  # noqa: E402
 from fused_losses.backends.triton.operands import Similarity  # noqa: E402
@@ -49,14 +51,18 @@ def poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=self.device)
 
     monkeypatch.setattr(Similarity, "scratch", nan_buffer)
+    monkeypatch.setattr(chunked_backward, "uninitialized",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
-@pytest.fixture(params=["fused", "chunked"])
+# Options of every ``kernels()`` of a test; the ``gradient_strategy`` fixture sets the backward's.
+KERNEL_OPTIONS = {}
+
+
+@pytest.fixture(params=["chunked", "fused"])
 def gradient_strategy(request, monkeypatch):
-    """Run the backward with W on chip, or with W materialized in row chunks, whatever D is."""
-    largest_fused_dim = 10**9 if request.param == "fused" else 0
-    monkeypatch.setattr(launch, "FUSED_GRADIENT_MAX_DIM",
-                        dict.fromkeys(launch.FUSED_GRADIENT_MAX_DIM, largest_fused_dim))
+    """Run the backward with W in row chunks and vendor GEMMs (default), or with W on chip."""
+    monkeypatch.setitem(KERNEL_OPTIONS, "gradient", request.param)
     return request.param
 
 
@@ -64,11 +70,18 @@ def gradient_strategy(request, monkeypatch):
 def many_splits(monkeypatch):
     """More programs than blocks: every launch splits the reduced dimension."""
     monkeypatch.setattr(launch, "INTERPRETER_PROGRAMS", 64)
-    monkeypatch.setattr(launch, "_cuda_programs", lambda index: 4096)
+
+
+@pytest.fixture
+def small_weight_chunks(monkeypatch):
+    """Chunks of one 16-row block of W whatever the sizes (the chunked backward's floor on chunk
+    rows is for GPU sizes)."""
+    monkeypatch.setattr(chunked_backward, "MIN_CHUNK_ROWS", 0)
+    monkeypatch.setattr(chunked_backward, "WORKSPACE_BYTES", 1)
 
 
 def kernels(**options):
-    return triton_backend.make_kernels(**options)
+    return triton_backend.make_kernels(**{**KERNEL_OPTIONS, **options})
 
 
 def inv_norms(x, eps=1e-12):
@@ -303,20 +316,21 @@ def test_non_contiguous_inputs(dtype, gradient_strategy):
     assert_matches(v, want_v, GRAD_TOL[dtype])
 
 
-@pytest.mark.parametrize("workspace", ["one row block per forward launch", "two gradient splits",
+@pytest.mark.parametrize("workspace", ["one row block per forward launch", "two fused gradient splits",
                                        "one row block per weight chunk"])
 def test_splits_and_row_chunks_merge_correctly(many_splits, monkeypatch, workspace):
     n, m, d = 40, 29, 20
     if workspace == "one row block per forward launch":
         monkeypatch.setattr(launch, "WORKSPACE_BYTES", launch.FLOAT32_BYTES * m)
         assert launch.row_blocks_per_launch(launch.cdiv(n, 16), m) == 1
-    elif workspace == "two gradient splits":
+    elif workspace == "two fused gradient splits":
+        monkeypatch.setitem(KERNEL_OPTIONS, "gradient", "fused")
         monkeypatch.setattr(launch, "WORKSPACE_BYTES", 2 * launch.FLOAT32_BYTES * n * d)
         assert launch.max_gradient_splits(n, d) == 2
     else:
-        monkeypatch.setattr(launch, "FUSED_GRADIENT_MAX_DIM", dict.fromkeys(launch.FUSED_GRADIENT_MAX_DIM, 0))
-        monkeypatch.setattr(launch, "WEIGHTS_WORKSPACE_BYTES", 16 * launch.WEIGHTS_ROW_ALIGN * launch.FLOAT32_BYTES)
-        assert launch.weight_chunk_rows(n, launch.WEIGHTS_ROW_ALIGN, launch.FLOAT32_BYTES, 16) == 16
+        monkeypatch.setattr(chunked_backward, "MIN_CHUNK_ROWS", 0)
+        monkeypatch.setattr(chunked_backward, "WORKSPACE_BYTES", 1)
+        assert chunked_backward.chunk_rows(n, m, 4, 16) == 16
     inputs = make_inputs(n, m, d, torch.float32)
     inputs["diag_offset"] = -3
     grad_row, grad_col = random_grads(n, m)
@@ -394,8 +408,11 @@ def test_mixed_dtypes_are_rejected():
 
 
 def test_make_kernels_options():
-    assert kernels().name == "triton"
+    assert kernels().name == "triton" and kernels().gradient == "chunked"
     assert kernels(deterministic=False).deterministic is False
+    assert kernels(gradient="fused").gradient == "fused"
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        kernels(gradient="dense")
     with pytest.raises(TypeError):
         kernels(block_size=64)
 
@@ -409,20 +426,34 @@ def test_unavailable_reason(monkeypatch):
     assert "pip install triton" in triton_backend.unavailable_reason(DEVICE)
 
 
-def test_lopsided_shapes_are_split_to_fill_the_gpu(monkeypatch):
-    sm_count = 132
-    monkeypatch.setattr(launch, "_cuda_programs", lambda index: launch.PROGRAMS_PER_SM * sm_count)
-    cuda = torch.device("cuda", 0)
-    n, m, d = 256, 65536, 512
-    forward = launch.forward_config(d, torch.bfloat16, cuda)
-    row_blocks = launch.cdiv(n, forward.block_m)
-    splits, _ = launch.split_blocks(launch.cdiv(m, forward.block_n), row_blocks, cuda, 10**9)
-    assert row_blocks * splits >= sm_count
-    gradient = launch.gradient_config(d, torch.bfloat16, cuda)
-    other = launch.cdiv(n, gradient.block_m) * launch.cdiv(d, gradient.block_out)
-    splits, _ = launch.split_blocks(launch.cdiv(m, gradient.block_n), other, cuda, launch.max_gradient_splits(n, d))
-    assert other * splits >= sm_count
-    assert splits * n * d * launch.FLOAT32_BYTES <= launch.WORKSPACE_BYTES
+def test_lopsided_shapes_are_split_to_fill_the_gpu():
+    # N = 256 rows against M = 65536 at 2 programs per SM on 132 SMs: 4 row blocks of 64 must be
+    # split over the columns into about a wave.
+    resident = 2 * 132
+    row_blocks, col_blocks = launch.cdiv(256, 64), launch.cdiv(65536, 128)
+    splits, per_split = launch.plan_splits(col_blocks, row_blocks, resident, col_blocks)
+    assert resident * 0.9 <= row_blocks * splits <= resident and splits * per_split >= col_blocks
+    max_splits = launch.max_gradient_splits(256, 512)
+    splits, _ = launch.plan_splits(launch.cdiv(65536, 32), 4, resident, max_splits)
+    assert splits <= max_splits and splits * 256 * 512 * launch.FLOAT32_BYTES <= launch.WORKSPACE_BYTES
+
+
+def test_splits_fill_whole_waves():
+    # 128 row blocks on 264 resident programs: 2 splits of 256 tiles fill one wave (97%); 1 split
+    # would leave half the GPU idle. 512 row blocks already make 1.94 waves: no split.
+    assert launch.plan_splits(512, 128, 264, 512) == (2, 256)
+    assert launch.plan_splits(512, 512, 264, 512) == (1, 512)
+    assert launch.plan_splits(7, 1, 4, 1) == (1, 7)  # max_splits respected
+    assert launch.plan_splits(3, 1, 64, 100) == (3, 1)  # no empty split
+
+
+def test_occupancy_follows_the_compiled_kernel():
+    # sm_90: 65536 registers, 228 KiB shared memory, 2048 threads per SM.
+    assert launch.ctas_per_sm(254, 100 * 1024, 8) == 1
+    assert launch.ctas_per_sm(207, 75 * 1024, 4) == 2
+    assert launch.ctas_per_sm(128, 40 * 1024, 4) == 4
+    assert launch.ctas_per_sm(96, 120 * 1024, 4) == 1  # shared memory bound
+    assert launch.ctas_per_sm(255, 300 * 1024, 8) == 0  # does not fit
 
 
 def test_column_workspace_is_bounded():
@@ -447,7 +478,7 @@ def test_zero_gradients_give_zero_results_not_nan(gradient_strategy):
     # max(N, M) >= 64: the weight scale 2^k / max|grad| overflowed fp32 for all-zero grads (0 * inf).
     n, m, d = 64, 70, 16
     inputs = make_inputs(n, m, d, torch.float16)
-    from fused_losses.backends.triton.gradient import weight_scale
+    from fused_losses.backends.triton.fused_gradient import weight_scale
     assert torch.isfinite(weight_scale([torch.zeros(n)], n, m))
     lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
     u, v = kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col,
@@ -469,6 +500,28 @@ def test_feature_offsets_that_overflow_int32_are_made_row_major():
     assert _int32_feature_offsets(small) is small
 
 
+def test_tma_descriptors_only_where_they_fit():
+    # TMA reads rows at 16-byte aligned strides with a unit feature stride; IEEE fp32 dots (FMA
+    # units) keep pointer loads. Both paths run in the other tests (D = 16 and 20 in fp32, fp16).
+    def uses(q, k):
+        ones = torch.ones(max(q.shape[0], k.shape[0]))
+        return Similarity.checked(q, k, ones[: q.shape[0]], ones[: k.shape[0]], torch.tensor(1.0), None).uses_descriptors()
+
+    half = torch.zeros(8, 16, dtype=torch.float16)
+    assert uses(half, half)
+    assert not uses(torch.zeros(8, 20, dtype=torch.float16), torch.zeros(8, 20, dtype=torch.float16))  # 40 B rows
+    assert not uses(half, torch.zeros(16, 8, dtype=torch.float16).T)  # feature stride 8
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert not uses(half.float(), half.float())
+        matmul.fp32_precision = "tf32"
+        assert uses(half.float(), half.float())
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_launches_are_guarded_to_the_inputs_device():
     # triton launches on the current CUDA device and stream, not on the tensors' device.
     from fused_losses.backends.triton.operands import device_guard
@@ -480,15 +533,23 @@ def test_launches_are_guarded_to_the_inputs_device():
 
 @pytest.mark.slow
 def test_kernels_compile_for_h100_without_register_spills():
-    # The interpreter accepts code the GPU compiler rejects; compile for sm_90 (no GPU needed).
+    # The interpreter accepts code the GPU compiler rejects; compile_check compiles for sm_90 (no
+    # GPU needed) exactly what the losses launch, and fails on spills. About 20 s of CPU.
     ptxas = os.path.join(os.path.dirname(pytest.importorskip("triton").__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("triton's bundled ptxas is not available")
-    # Each fixed configuration shape: fused gradient (4 kernels) at D = 64, 512 and fp32 256, W in
-    # chunks (6 kernels) at D = 1000.
-    cases = ["fp16:64", "bf16:512", "fp32:256", "bf16:1000"]
+    from fused_losses.backends.triton.compile_check import DEFAULT_CASES
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "fused_losses.backends.triton.compile_check", *cases],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("spill stack 0 B") == 3 * 4 + 6, run.stdout
+    module = [sys.executable, "-m", "fused_losses.backends.triton.compile_check"]
+    for extra, cases in (([], []), (["--tf32"], ["siglip:fp32:8192x8192x1000"]),
+                         (["--gradient", "fused"], ["clip:bf16:65536x65536x512"])):
+        run = subprocess.run(module + extra + cases, capture_output=True, text=True, env=env, timeout=900)
+        assert run.returncode == 0, run.stdout + run.stderr
+        reports = run.stdout.splitlines()
+        # forward + weights kernel per case; the fused backward adds its kernel to the forward
+        assert len(reports) == 2 * len(cases or DEFAULT_CASES), run.stdout
+        assert all(" spill 0 B," in line and " 0 CTA/SM" not in line for line in reports), run.stdout
+        # The tensor-core tile loops keep their MMAs asynchronous: no full wait on every iteration
+        # (the fused backward's nested loops drain once per tile by design).
+        tile_loops = [line for line in reports if " wgmma 0," not in line and "fused_gradient" not in line]
+        assert tile_loops and all("(every iteration 0)" in line for line in tile_loops), run.stdout

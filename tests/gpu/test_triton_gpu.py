@@ -109,11 +109,9 @@ def assert_as_accurate_as_torch(name, got, torch_own, truth):
     assert ours <= 2 * theirs + slack, f"{name}: error {ours:.3e}, torch's own {theirs:.3e}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_lse_at_real_sizes(case):
+def check_lse(case, kernels):
     dtype, n, m, d, offset = case
     inputs = make_inputs(*case)
-    kernels = triton_backend.make_kernels()
     truth = ChunkedTorch(torch.float64, torch.float64, **inputs)
     torch_own = ChunkedTorch(dtype, torch.float32, **inputs)
 
@@ -129,6 +127,23 @@ def test_lse_at_real_sizes(case):
     own_u, own_v = torch_own.lse_grads(own_row, own_col, grad_row, grad_col)
     assert_as_accurate_as_torch("U", u, own_u, true_u)
     assert_as_accurate_as_torch("V", v, own_v, true_v)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lse_at_real_sizes(case):
+    check_lse(case, triton_backend.make_kernels())
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8]], ids=case_id)
+def test_fused_backward_option(case):
+    check_lse(case, triton_backend.make_kernels(gradient="fused"))
+
+
+@pytest.mark.parametrize("tiles", ["64x128", "128x128"])
+def test_tile_shapes(tiles, monkeypatch):
+    from fused_losses.backends.triton import launch
+    monkeypatch.setattr(launch, "FORWARD_TILES", tiles)
+    check_lse(CASES[4], triton_backend.make_kernels())
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[7], CASES[8], CASES[-1]], ids=case_id)

@@ -2,10 +2,11 @@
 
 Importing this package imports neither triton nor the kernels; ``make_kernels`` does. Modules:
 ``kernels`` (the SimilarityKernels class), ``operands`` (checked inputs), ``launch`` (tile
-configurations, grid splits, scratch bounds, autotuning), ``tiles`` (device helpers shared by all
-kernels), ``lse`` and ``softplus`` (forward kernels and the primitives' W), ``gradient`` (backward
-dispatch) with ``fused_gradient`` (W on chip) and ``chunked_gradient`` (W in bounded row chunks),
-``compile_check`` (sm_90 compile and register report, a development tool).
+configurations, occupancy, grid splits, scratch bounds, autotuning), ``tiles`` (device helpers
+shared by all kernels), ``lse`` and ``softplus`` (forward kernels and the primitives' W),
+``gradient`` (backward dispatch) with ``chunked_gradient`` (the weights writer of
+``fused_losses.backends.chunked_backward``, default) and ``fused_gradient`` (W on chip, an option),
+``compile_check`` (compiles for sm_90 exactly what the losses launch and reports resources).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"triton kernels run on CUDA devices, not {device.type}"
 
 
-def make_kernels(deterministic: bool = True):
-    """The triton SimilarityKernels; ``deterministic=False`` allows fp32 atomics in the backward."""
+def make_kernels(deterministic: bool = True, gradient: str = "chunked"):
+    """The triton SimilarityKernels. ``gradient="chunked"`` (default) or ``"fused"``: how the
+    backward runs; ``deterministic=False`` allows fp32 atomics in the fused backward."""
     from fused_losses.backends.triton.kernels import TritonKernels
 
-    return TritonKernels(deterministic=deterministic)
+    return TritonKernels(deterministic=deterministic, gradient=gradient)

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
+from fused_losses.backends.triton.gradient import GRADIENT_STRATEGIES, GradientOptions
 from fused_losses.backends.triton.lse import lse_backward, lse_forward
 from fused_losses.backends.triton.operands import Similarity, as_stat, device_guard
 from fused_losses.backends.triton.softplus import softplus_backward, softplus_forward
@@ -14,15 +15,23 @@ from fused_losses.backends.triton.softplus import softplus_backward, softplus_fo
 class TritonKernels:
     """Fused triton kernels for fp16 / bf16 / fp32 inputs (fp32 statistics and accumulation).
 
+    ``gradient``: how the backward runs (``fused_losses.backends.triton.gradient``):
+    ``"chunked"`` (default) writes bounded row chunks of W and takes both products with the
+    vendor GEMM; ``"fused"`` keeps W on chip and recomputes S once per direction.
     ``deterministic=True`` (default): bitwise reproducible results; partial sums over splits are
-    merged by torch in a fixed order. ``deterministic=False`` lets gradient splits add into the
-    output with fp32 atomics (no partial-sum buffers, run-to-run differences in the last bits).
+    merged by torch in a fixed order. ``deterministic=False`` lets the fused backward's splits add
+    into the output with fp32 atomics (run-to-run differences in the last bits); the chunked
+    backward is deterministic either way.
     """
 
     name = "triton"
 
-    def __init__(self, deterministic: bool = True):
+    def __init__(self, deterministic: bool = True, gradient: str = "chunked"):
+        if gradient not in GRADIENT_STRATEGIES:
+            raise ValueError(f"gradient must be one of {GRADIENT_STRATEGIES}, got {gradient!r}")
         self.deterministic = deterministic
+        self.gradient = gradient
+        self._gradient_options = GradientOptions(gradient, deterministic)
 
     def lse_forward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
@@ -39,7 +48,7 @@ class TritonKernels:
     ) -> Tuple[Tensor, Tensor]:
         with device_guard(q.device):
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-            return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self.deterministic)
+            return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self._gradient_options)
 
     def softplus_forward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
@@ -55,4 +64,4 @@ class TritonKernels:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         with device_guard(q.device):
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-            return softplus_backward(sim, as_stat(bias), grad_row, self.deterministic)
+            return softplus_backward(sim, as_stat(bias), grad_row, self._gradient_options)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,11 +69,40 @@ class Similarity:
     def input_precision(self) -> str:
         return launch.fp32_input_precision() if self.q.dtype == torch.float32 else "ieee"
 
-    def kernel_args(self) -> Tuple:
+    def tile_options(self, config: launch.KernelConfig, tma: bool = True) -> dict:
+        """Constexprs and launch options of the tile kernels for ``config``: mask, whether D splits
+        into whole dot steps (no feature mask), approximate fast math (not in the interpreter),
+        block sizes, dot precision, warps and stages; with ``tma``, whether ``kernel_args(config)``
+        passes q and k as TMA descriptors (TMA)."""
+        options = dict(
+            HAS_MASK=self.diag_offset is not None, EVEN_D=self.dim % config.block_d == 0,
+            APPROX_MATH=launch.gpu_target(self.device) is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            INPUT_PRECISION=self.input_precision(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        if tma:
+            options["TMA"] = self.uses_descriptors()
+        return options
+
+    def uses_descriptors(self) -> bool:
+        """Whether the tile kernels read q and k through TMA descriptors: both fit (see
+        ``_descriptors_fit``) and the dots run on tensor cores (IEEE fp32 dots run on FMA units,
+        whose operand layouts spill registers when fed from TMA)."""
+        tensor_cores = self.q.dtype != torch.float32 or self.input_precision() != "ieee"
+        return tensor_cores and _descriptors_fit(self.q) and _descriptors_fit(self.k)
+
+    def kernel_args(self, config: Optional[launch.KernelConfig] = None) -> Tuple:
         """q, k, inv_norm_q, inv_norm_k, scale, N, M, D, mask offset and strides, in the order
-        the kernels take them."""
+        the kernels take them. With ``config``, q and k are TMA descriptors of (block_m, block_d)
+        and (block_n, block_d) blocks where both fit (``tile_options(config)["TMA"]``)."""
+        q, k = self.q, self.k
+        if config is not None and self.uses_descriptors():
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            q = TensorDescriptor.from_tensor(q, [config.block_m, config.block_d])
+            k = TensorDescriptor.from_tensor(k, [config.block_n, config.block_d])
         return (
-            self.q, self.k, self.inv_norm_q, self.inv_norm_k, self.scale,
+            q, k, self.inv_norm_q, self.inv_norm_k, self.scale,
             self.n, self.m, self.dim, self.diag_offset or 0,
             self.q.stride(0), self.q.stride(1), self.k.stride(0), self.k.stride(1),
         )
@@ -101,8 +130,30 @@ class WeightTerms:
     def transposed(self) -> "WeightTerms":
         return WeightTerms(self.col_stat, self.col_grad, self.row_stat, self.row_grad)
 
-    def kernel_args(self) -> Tuple:
-        return self.row_stat, self.row_grad, self.col_stat, self.col_grad
+    def scaled(self, factor: Tensor) -> "WeightTerms":
+        """The terms of factor * W."""
+        return replace(self, row_grad=None if self.row_grad is None else self.row_grad * factor,
+                       col_grad=None if self.col_grad is None else self.col_grad * factor)
+
+    def grads(self) -> List[Tensor]:
+        return [g for g in (self.row_grad, self.col_grad) if g is not None]
+
+    def kernel_args(self, block_n: int) -> Tuple:
+        """row_stat, row_grad, col_stat, col_grad, col_base, col_ref as the kernels take them; the
+        last two only with both terms (softmax weights in log2 units, +inf stats for empty lines):
+        col_ref[t] = min of col_stat over column tile t of ``block_n`` columns and
+        col_base_j = col_grad_j 2^(col_ref[tile of j] - col_stat_j), so that a tile's column
+        coefficients col_grad_j 2^(shift - col_stat_j) cost one product, not an exponential."""
+        base = ref = None
+        if self.row_grad is not None and self.col_grad is not None:
+            m = self.col_stat.shape[0]
+            tiles = -(-m // block_n)
+            padded = self.col_stat.new_full((tiles * block_n,), float("inf"))
+            padded[:m] = self.col_stat
+            ref = padded.view(tiles, block_n).amin(dim=1)
+            exponent = ref.repeat_interleave(block_n)[:m] - self.col_stat
+            base = torch.where(self.col_stat == float("inf"), 0.0, self.col_grad * torch.exp2(exponent))
+        return self.row_stat, self.row_grad, self.col_stat, self.col_grad, base, ref
 
     def flags(self) -> dict:
         """HAS_ROW_TERM / HAS_COL_TERM constexprs."""
@@ -112,6 +163,13 @@ class WeightTerms:
 def as_stat(t: Tensor) -> Tensor:
     """Statistics-dtype vector or scalar as the kernels read it: contiguous fp32 (O(N) copy at most)."""
     return t.to(torch.float32).contiguous()
+
+
+def _descriptors_fit(x: Tensor) -> bool:
+    """Whether ``x`` (rows, D) can be read through a TMA descriptor: unit feature stride, row
+    stride and base address multiples of 16 bytes."""
+    row_bytes = x.stride(0) * x.element_size()
+    return x.stride(1) == 1 and row_bytes % 16 == 0 and x.data_ptr() % 16 == 0 and x.shape[0] > 0
 
 
 def _int32_feature_offsets(x: Tensor) -> Tensor:

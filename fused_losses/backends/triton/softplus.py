@@ -1,7 +1,12 @@
-"""Similarity softplus-sum (SigLIP): forward kernel and the sigmoid weights of the backward."""
+"""Similarity softplus-sum (SigLIP): forward kernel and the sigmoid weights of the backward.
+
+Tiles are handled in log2 units (S * log2(e), bias likewise): softplus(x) = ln 2 * log2(1 + 2^y)
+with y = x log2(e), so every exponential and logarithm is one exp2 / log2.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -10,89 +15,101 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_losses.backends.triton import launch
-from fused_losses.backends.triton.gradient import similarity_gradients, weight_scale
+from fused_losses.backends.triton.gradient import GradientOptions, WeightFunctions, similarity_gradients
 from fused_losses.backends.triton.operands import Similarity, WeightTerms
-from fused_losses.backends.triton.tiles import row_block_setup, similarity_tile, split_block_range
+from fused_losses.backends.triton.tiles import (
+    fast_log2, finished_tile, flattened_range, flattened_step, is_edge, row_block_setup,
+)
+
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
+# Below this z, log2(1 + z) comes from its series: the approximate log2 has an absolute error
+# (~2^-22) that is large relative to log2(1 + z) ~ 1.44 z there; the series' truncation error
+# (z^4 / 5 relative) is below 2^-26 for z < 2^-6.
+SERIES_BELOW = tl.constexpr(2.0**-6)
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x), accurate also where e^x is below the resolution of 1 (log1p via
-    log(1 + z) * z / ((1 + z) - 1), which cancels the rounding of 1 + z)."""
-    z = tl.exp(-tl.abs(x))
-    one_plus_z = 1.0 + z
-    log1p_z = tl.where(one_plus_z == 1.0, z, tl.log(one_plus_z) * (z / (one_plus_z - 1.0)))
-    return tl.maximum(x, 0.0) + log1p_z
+def _log2_one_plus_exp2(y, APPROX_MATH: tl.constexpr):
+    """log2(1 + 2^y), accurate also where 2^-|y| is below the resolution of 1."""
+    z = tl.exp2(-tl.abs(y))
+    series = z * (1.0 - z * (0.5 - z * (1.0 / 3.0 - z * 0.25))) * LOG2E
+    return tl.maximum(y, 0.0) + tl.where(z < SERIES_BELOW, series, fast_log2(1.0 + z, APPROX_MATH))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["blocks_per_split"])
 def softplus_forward_kernel(
-    q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
+    q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
     stride_qn, stride_qd, stride_kn, stride_kd,
     bias_ptr, row_partials_ptr, blocks_per_split,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (row block, column split c): row_partials[c, rows] = sum over the split's columns
     of softplus(S_ij + bias)."""
-    split = tl.program_id(1)
-    rows, q_row_ptrs, row_in, row_factor = row_block_setup(
-        q_ptr, inv_norm_q_ptr, scale_ptr, tl.program_id(0), n_rows, stride_qn, 1.0, BLOCK_M)
-    bias = tl.load(bias_ptr)
+    row_block = tl.program_id(0)
+    row_start, rows, row_in, row_factor = row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOG2E, BLOCK_M)
+    row_edge = is_edge(row_block, n_rows, BLOCK_M)
+    bias = tl.load(bias_ptr) * LOG2E
     sums = tl.zeros((BLOCK_M,), tl.float32)
-    first, last = split_block_range(split, blocks_per_split, n_cols, BLOCK_N)
-    for col_block in range(first, last):
-        s, _, _, _, _ = similarity_tile(
-            rows, q_row_ptrs, row_in, row_factor, k_ptr, inv_norm_k_ptr, col_block,
-            n_cols, dim, diag_offset, stride_qd, stride_kn, stride_kd,
-            HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        sums += tl.sum(_softplus(s + bias), 1)
-    tl.store(row_partials_ptr + split * n_rows + rows, sums, mask=row_in)
+    first, iterations, k_steps = flattened_range(tl.program_id(1), blocks_per_split, n_cols, dim, BLOCK_N, BLOCK_D)
+    dots = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for iteration in range(0, iterations):
+        dots, col_block, tile_done = flattened_step(
+            iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
+            stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        if tile_done:
+            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
+                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            sums += tl.sum(_log2_one_plus_exp2(s + bias, APPROX_MATH), 1)
+    tl.store(row_partials_ptr + tl.program_id(1) * n_rows + rows, sums * LN2, mask=row_in)
 
 
 @triton.jit
-def sigmoid_weights(s, row_stat, row_grad, col_stat, col_grad,
-                    HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr):
-    """W = row_grad_i sigmoid(s_ij + row_stat_i) + col_grad_j sigmoid(s_ij + col_stat_j), with
-    the bias as the stat (one term is present: the row term for U, the column term for V)."""
-    w = tl.zeros_like(s)
+def sigmoid_row_constants(row_stat, row_grad, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr):
+    """No per-program constants: (0, 0, row_grad) in the layout ``sigmoid_weights`` expects."""
+    return 0.0, 0.0, row_grad
+
+
+@triton.jit
+def sigmoid_weights(s, row, col, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr):
+    """W = row_grad_i sigmoid(S_ij + bias) for a log2-unit tile, with the log2-unit bias as the
+    stat; the primitive has one term: the row term, or the column term of the transposed problem."""
     if HAS_ROW_TERM:
-        w += row_grad[:, None] * tl.sigmoid(s + row_stat[:, None])
-    if HAS_COL_TERM:
-        w += col_grad[None, :] * tl.sigmoid(s + col_stat[None, :])
-    return w
+        row_stat, row_grad, _, _, _ = row
+        return row_grad[:, None] * tl.fdiv(1.0, 1.0 + tl.exp2(-(s + row_stat[:, None])))
+    col_stat, col_grad, _, _ = col
+    return col_grad[None, :] * tl.fdiv(1.0, 1.0 + tl.exp2(-(s + col_stat[None, :])))
 
 
 def softplus_forward(sim: Similarity, bias: Tensor) -> Tensor:
     """sp_row (N,) fp32."""
     key = ("softplus_forward", sim.dim, sim.q.dtype) + launch.shape_class(sim.n, sim.m)
     default = launch.forward_config(sim.dim, sim.q.dtype, sim.device)
-    return launch.run_tuned(key, default, lambda config: _softplus_forward(sim, bias, config))
+    return launch.run_tuned(key, default, lambda config: softplus_forward_with(sim, bias, config))
 
 
-def _softplus_forward(sim: Similarity, bias: Tensor, config: launch.KernelConfig) -> Tensor:
+def softplus_forward_with(sim: Similarity, bias: Tensor, config: launch.KernelConfig) -> Tensor:
+    """``softplus_forward`` with the tile configuration ``config``."""
     num_row_blocks = launch.cdiv(sim.n, config.block_m)
     num_col_blocks = launch.cdiv(sim.m, config.block_n)
-    splits, blocks_per_split = launch.split_blocks(num_col_blocks, num_row_blocks, sim.device, num_col_blocks)
+    options = sim.tile_options(config)
+    resident = launch.resident_programs(
+        softplus_forward_kernel, (*sim.kernel_args(config), bias, sim.scratch(1), 1), options, sim.device)
+    splits, blocks_per_split = launch.plan_splits(num_col_blocks, num_row_blocks, resident, num_col_blocks)
     row_partials = sim.scratch(splits, sim.n)
     softplus_forward_kernel[(num_row_blocks, splits)](
-        *sim.kernel_args(), bias, row_partials, blocks_per_split,
-        HAS_MASK=sim.diag_offset is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-        INPUT_PRECISION=sim.input_precision(), num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        *sim.kernel_args(config), bias, row_partials, blocks_per_split, **options)
     return row_partials.sum(dim=0)
 
 
 def softplus_backward(
-    sim: Similarity, bias: Tensor, grad_row: Tensor, deterministic: bool,
+    sim: Similarity, bias: Tensor, grad_row: Tensor, options: GradientOptions,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(U (N, D), V (M, D), grad_bias 0-d) fp32 for W = grad_row_i sigmoid(S_ij + bias)."""
-    w_scale = weight_scale([grad_row], sim.n, sim.m)
     terms = WeightTerms(
-        row_stat=bias.expand(sim.n).contiguous(), row_grad=grad_row.to(torch.float32) * w_scale,
+        row_stat=(bias * LOG2E.value).expand(sim.n).contiguous(), row_grad=grad_row.to(torch.float32).contiguous(),
         col_stat=None, col_grad=None,
     )
-    u, v, weight_sum = similarity_gradients(
-        sim, terms, sigmoid_weights, 1.0, sim.scale / w_scale, deterministic, sum_weights=True)
-    return u, v, weight_sum / w_scale
+    weights = WeightFunctions(sigmoid_row_constants, sigmoid_weights, LOG2E.value)
+    return similarity_gradients(sim, terms, weights, options, sum_weights=True)
