@@ -17,10 +17,12 @@ from typing import Optional
 
 import torch
 
+from fused_losses.backends.base import LABEL_MASK
+
 INTERPRETER_ENV = "TRITON_INTERPRET"
 
-# Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
-FEATURES = frozenset()
+# Optional features of the contract (fused_losses.backends.base) implemented here.
+FEATURES = frozenset({LABEL_MASK})
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
