@@ -45,7 +45,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DEFAULT_CASES = ["clip:bf16:65536x65536x512", "clip:bf16:65536x65536x1024", "siglip:bf16:65536x65536x512",
                  "infonce:fp16:16384x65536x768", "ntxent:fp32:8192x8192x256", "clip:bf16:8192x8192x64",
-                 "pml_ntxent:bf16:65536x65536x512"]
+                 "pml_ntxent:bf16:65536x65536x512", "pml_ntxent:fp32:8192x8192x256"]
 
 
 def _inputs(n: int, m: int, dim: int, dtype: torch.dtype) -> Dict:
