@@ -20,13 +20,14 @@ captures a model ending in any loss of the package without a graph break.
 
 # No "from __future__ import annotations": torch.library.custom_op reads the annotations as
 # types, and older torch releases cannot resolve them from strings.
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fused_losses import _validation as check
-from fused_losses.backends import get_kernels
+from fused_losses._typing import Scalar
+from fused_losses.backends import SimilarityKernels, get_kernels
 
 DEFAULT_EPS = 1e-12
 
@@ -36,7 +37,7 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def as_scalar_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+def as_scalar_tensor(value: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A float or a (differentiable) 1-element tensor as a 0-d tensor of ``dtype`` on ``device``."""
     if isinstance(value, Tensor):
         return value.reshape(()).to(dtype=dtype, device=device)
@@ -53,7 +54,8 @@ def _inverse_norms(x: Tensor, normalize: bool, eps: float, dtype: torch.dtype) -
     return _norms(x, dtype).clamp_min_(eps).reciprocal_()
 
 
-def _input_grad(x: Tensor, inv_norm: Tensor, grad_u: Tensor, normalize: bool, eps: float):
+def _input_grad(x: Tensor, inv_norm: Tensor, grad_u: Tensor, normalize: bool,
+                eps: float) -> Tuple[Tensor, Tensor]:
     """(dL/dx in x's dtype, sum_i u_i . U_i) from U = dL/du, where u = inv_norm * x.
 
     ``grad_u`` (a backend's fresh output) is updated in place: one (rows, D) temporary in all.
@@ -78,7 +80,7 @@ def _stats_or_empty(stats: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=statistics_dtype(like.dtype))
 
 
-def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float):
+def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float) -> Tuple[Tensor, Tensor]:
     dtype = statistics_dtype(q.dtype)
     return _inverse_norms(q, normalize, eps, dtype), _inverse_norms(k, normalize, eps, dtype)
 
@@ -102,7 +104,8 @@ def _lse_op(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float,
 
 
 @_lse_op.register_fake
-def _(q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size):
+def _(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float, diag_offset: Optional[int],
+      rows: bool, cols: bool, backend: str, chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     dtype = statistics_dtype(q.dtype)
     return (q.new_empty(q.shape[0] if rows else 0, dtype=dtype),
             q.new_empty(k.shape[0] if cols else 0, dtype=dtype))
@@ -120,19 +123,21 @@ def _lse_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tenso
 
 
 @_lse_backward_op.register_fake
-def _(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col,
-      backend, chunk_size):
+def _(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+      diag_offset: Optional[int], lse_row: Optional[Tensor], lse_col: Optional[Tensor],
+      grad_row: Optional[Tensor], grad_col: Optional[Tensor], backend: str,
+      chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     dtype = inv_norm_q.dtype
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
 
 
-def _lse_setup_context(ctx, inputs, output):
+def _lse_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
     q, k, scale, normalize, eps, diag_offset, rows, cols, backend, chunk_size = inputs
     ctx.save_for_backward(q, k, scale, *output)
     ctx.options = (normalize, eps, diag_offset, rows, cols, backend, chunk_size)
 
 
-def _lse_backward(ctx, grad_row, grad_col):
+def _lse_backward(ctx: Any, grad_row: Tensor, grad_col: Tensor) -> Tuple[Optional[Tensor], ...]:
     q, k, scale, lse_row, lse_col = ctx.saved_tensors
     normalize, eps, diag_offset, rows, cols, backend, chunk_size = ctx.options
     inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
@@ -159,7 +164,8 @@ def _softplus_op(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, normalize: b
 
 
 @_softplus_op.register_fake
-def _(q, k, scale, bias, normalize, eps, diag_offset, backend, chunk_size):
+def _(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, normalize: bool, eps: float,
+      diag_offset: Optional[int], backend: str, chunk_size: Optional[int]) -> Tensor:
     return q.new_empty(q.shape[0], dtype=statistics_dtype(q.dtype))
 
 
@@ -174,19 +180,21 @@ def _softplus_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: 
 
 
 @_softplus_backward_op.register_fake
-def _(q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row, backend, chunk_size):
+def _(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor, bias: Tensor,
+      diag_offset: Optional[int], grad_row: Tensor, backend: str,
+      chunk_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     dtype = inv_norm_q.dtype
     return (q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype),
             bias.new_empty(()))
 
 
-def _softplus_setup_context(ctx, inputs, output):
+def _softplus_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     q, k, scale, bias, normalize, eps, diag_offset, backend, chunk_size = inputs
     ctx.save_for_backward(q, k, scale, bias)
     ctx.options = (normalize, eps, diag_offset, backend, chunk_size)
 
 
-def _softplus_backward(ctx, grad_row):
+def _softplus_backward(ctx: Any, grad_row: Tensor) -> Tuple[Optional[Tensor], ...]:
     q, k, scale, bias = ctx.saved_tensors
     normalize, eps, diag_offset, backend, chunk_size = ctx.options
     inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
@@ -201,7 +209,8 @@ def _softplus_backward(ctx, grad_row):
 _softplus_op.register_autograd(_softplus_backward, setup_context=_softplus_setup_context)
 
 
-def _check_common(q, k, normalize, eps, diag_offset, backend, chunk_size) -> None:
+def _check_common(q: Tensor, k: Tensor, normalize: bool, eps: float, diag_offset: Optional[int], backend: str,
+                  chunk_size: Optional[int]) -> None:
     check.check_compatible("q", q, "k", k, same_rows=False)
     check.check_flag("normalize", normalize)
     check.check_eps(eps)
@@ -214,7 +223,7 @@ def _check_common(q, k, normalize, eps, diag_offset, backend, chunk_size) -> Non
         raise ValueError(f"chunk_size applies to backend='torch' only, got backend={backend!r}")
 
 
-def _kernels(backend: str, device: torch.device, chunk_size: Optional[int]):
+def _kernels(backend: str, device: torch.device, chunk_size: Optional[int]) -> SimilarityKernels:
     """The kernels of ``backend`` ("auto" or a name); chunk_size selects the torch backend."""
     if chunk_size is None:
         return get_kernels(backend, device)
@@ -222,7 +231,7 @@ def _kernels(backend: str, device: torch.device, chunk_size: Optional[int]):
 
 
 def similarity_lse(
-    q: Tensor, k: Tensor, scale=1.0, *, rows: bool = True, cols: bool = False,
+    q: Tensor, k: Tensor, scale: Scalar = 1.0, *, rows: bool = True, cols: bool = False,
     normalize: bool = True, eps: float = DEFAULT_EPS, diag_offset: Optional[int] = None,
     backend: str = "auto", chunk_size: Optional[int] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -245,7 +254,7 @@ def similarity_lse(
 
 
 def similarity_softplus(
-    q: Tensor, k: Tensor, scale=1.0, bias=0.0, *, normalize: bool = True,
+    q: Tensor, k: Tensor, scale: Scalar = 1.0, bias: Scalar = 0.0, *, normalize: bool = True,
     eps: float = DEFAULT_EPS, diag_offset: Optional[int] = None, backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> Tensor:
@@ -264,15 +273,18 @@ def similarity_softplus(
                                diag_offset=diag_offset, backend=backend, chunk_size=chunk_size)
 
 
-def lse_statistics(q, k, scale: Tensor, *, rows, cols, normalize, diag_offset=None,
-                   eps=DEFAULT_EPS, backend="auto", chunk_size=None):
-    """``similarity_lse`` on arguments already checked, with ``scale`` a 0-d statistics tensor."""
+def lse_statistics(q: Tensor, k: Tensor, scale: Tensor, *, rows: bool, cols: bool, normalize: bool,
+                   diag_offset: Optional[int] = None, eps: float = DEFAULT_EPS, backend: str = "auto",
+                   chunk_size: Optional[int] = None) -> Tuple[Any, Any]:
+    """``similarity_lse`` on arguments already checked, with ``scale`` a 0-d statistics tensor.
+    (Typed Any: each is a Tensor when asked for, so callers need no None check.)"""
     lse_row, lse_col = _lse_op(q, k, scale, normalize, float(eps), diag_offset, rows, cols, backend,
                                chunk_size)
     return (lse_row if rows else None), (lse_col if cols else None)
 
 
-def softplus_statistics(q, k, scale: Tensor, bias: Tensor, *, normalize, diag_offset=None,
-                        eps=DEFAULT_EPS, backend="auto", chunk_size=None):
+def softplus_statistics(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, normalize: bool,
+                        diag_offset: Optional[int] = None, eps: float = DEFAULT_EPS, backend: str = "auto",
+                        chunk_size: Optional[int] = None) -> Tensor:
     """``similarity_softplus`` on checked arguments; ``scale``, ``bias``: 0-d statistics tensors."""
     return _softplus_op(q, k, scale, bias, normalize, float(eps), diag_offset, backend, chunk_size)

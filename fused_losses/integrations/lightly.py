@@ -9,6 +9,8 @@ sizes. The memory bank (MoCo-style negatives, ``memory_bank_size > 0``) is not s
 
 from __future__ import annotations
 
+from typing import Tuple, Union
+
 from torch import Tensor, nn
 
 from fused_losses import functional
@@ -17,7 +19,7 @@ from fused_losses import functional
 class NTXentLoss(nn.Module):
     """lightly.loss.NTXentLoss without a memory bank: SimCLR's NT-Xent over out0 and out1 (N, D)."""
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size=0,
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Tuple[int, ...]] = 0,
                  gather_distributed: bool = False, *, backend: str = "auto"):
         super().__init__()
         bank_rows = memory_bank_size if isinstance(memory_bank_size, int) else memory_bank_size[0]

@@ -11,13 +11,14 @@ supported. Unlike open_clip, ranks may hold different batch sizes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from fused_losses import distributed, functional
+from fused_losses._typing import Scalar
 
 
 def _check_world(rank: int, world_size: int) -> None:
@@ -30,7 +31,7 @@ def _check_world(rank: int, world_size: int) -> None:
                          f"torch.distributed process group, got {actual}")
 
 
-def _as_output(loss: Tensor, output_dict: bool):
+def _as_output(loss: Tensor, output_dict: bool) -> Union[Tensor, Dict[str, Tensor]]:
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -61,12 +62,13 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
         self.backend = backend
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
-                logit_bias: Optional[Tensor] = None, output_dict: bool = False):
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
+                logit_bias: Optional[Scalar] = None,
+                output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
         loss = self._contrastive_loss(image_features, text_features, logit_scale)
         return _as_output(loss, output_dict)
 
-    def _contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale):
+    def _contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar) -> Tensor:
         if self.world_size == 1:
             return functional.clip_loss(image_features, text_features, logit_scale,
                                         normalize=False, backend=self.backend)
@@ -114,8 +116,8 @@ class SigLipLoss(nn.Module):
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl, self.backend = dist_impl, backend
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
-                output_dict: bool = False):
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
+                logit_bias: Optional[Scalar], output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
         if self.world_size > 1:
             _check_world(self.rank, self.world_size)
         loss = functional.siglip_loss(

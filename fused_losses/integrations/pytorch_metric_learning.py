@@ -10,16 +10,18 @@ reference embeddings (``ref_emb``, ``ref_labels``) are not supported: these loss
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from fused_losses import _validation as check
 from fused_losses import functional
+from fused_losses._typing import Scalar
 
 
-def _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
+def _check_forward(embeddings: Tensor, labels: Tensor, indices_tuple: object, ref_emb: object,
+                   ref_labels: object) -> None:
     unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
     for name, value in unsupported.items():
         if value is not None:
@@ -52,12 +54,12 @@ class NTXentLoss(nn.Module):
     Every label must occur exactly twice: the two views of one sample (``functional.nt_xent``).
     """
 
-    def __init__(self, temperature=0.07, *, backend: str = "auto"):
+    def __init__(self, temperature: Scalar = 0.07, *, backend: str = "auto"):
         super().__init__()
         self.temperature, self.backend = temperature, backend
 
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple: Optional[Tuple[Tensor, ...]] = None,
+                ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         values, counts = labels.unique(return_counts=True)
         if not bool((counts == 2).all()):
@@ -77,12 +79,12 @@ class SupConLoss(nn.Module):
     without any negative pair (a single label) has loss 0.
     """
 
-    def __init__(self, temperature=0.1, *, backend: str = "auto"):
+    def __init__(self, temperature: Scalar = 0.1, *, backend: str = "auto"):
         super().__init__()
         self.temperature, self.backend = temperature, backend
 
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple: Optional[Tuple[Tensor, ...]] = None,
+                ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         loss = functional.supcon_loss(embeddings, labels, self.temperature, backend=self.backend)
         has_negative = (labels != labels[0]).any()
@@ -100,8 +102,8 @@ class NPairsLoss(nn.Module):
         super().__init__()
         self.backend = backend
 
-    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple: Optional[Tuple[Tensor, ...]] = None,
+                ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         _check_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         anchors, positives = _first_two_of_each_label(labels)
         if anchors.numel() == 0:

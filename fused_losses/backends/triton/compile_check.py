@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import triton
@@ -53,7 +53,7 @@ def compile_kernel(kernel, dtype_name: str, constexprs: Dict, unit_strides: Tupl
     return triton.compile(source, target=H100, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def kernels_for(dtype_name: str, dim: int) -> Iterator[Tuple[str, object]]:
+def kernels_for(dtype_name: str, dim: int) -> Iterator[Tuple[str, Any]]:
     """(name, compiled kernel) for every kernel a call with inputs of this dtype and D launches."""
     dtype, cuda = DTYPES[dtype_name], torch.device("cuda")
     precision = "tf32" if dtype == torch.float32 else "ieee"
