@@ -71,3 +71,10 @@ def test_quick_benchmark_report(monkeypatch):
     assert f"largest batch ~{int(n * math.sqrt(16)):>11,}" in lines["reference"]
     assert "speed-up over the reference: 2.5x; memory: 25.0% of the reference's (4.0x less)" in report
     assert "estimated for the 6.2 GiB free now" in report
+
+
+def test_ci_runs_readme_command_2():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^# 2\..*\n(.+)$", readme, re.M).group(1)
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines(), \
+        f"README's Quickstart command 2 is not a line of .ci/run:\n{command}"
