@@ -1,7 +1,7 @@
 """The package passes mypy (configured in pyproject.toml), and mypy catches a wrong argument type
 in a user's call: tests/typing_snippets/user_calls_ok.py must check clean, every line of
 user_calls_wrong.py marked ``# E: <code>`` must be reported, and nothing else. One mypy run
-(about a minute without its cache in .mypy_cache, seconds with it)."""
+(about 30 s of CPU without its cache in .mypy_cache, a few seconds with it)."""
 
 import re
 from pathlib import Path
