@@ -108,7 +108,7 @@ def find_ninja() -> Optional[str]:
     if found:
         return found
     try:  # the `ninja` package from PyPI, even when its script is not on PATH
-        import ninja  # type: ignore[import-not-found]
+        import ninja
     except ImportError:
         return None
     candidate = Path(ninja.BIN_DIR) / "ninja"
@@ -117,7 +117,7 @@ def find_ninja() -> Optional[str]:
 
 def pybind11_include() -> Optional[str]:
     try:
-        import pybind11  # type: ignore[import-not-found]
+        import pybind11
 
         return pybind11.get_include()
     except ImportError:
