@@ -56,35 +56,42 @@ EMULATION = build.CSRC / "host_tests" / "emulation"
 
 
 def _host_compiler_with_cxx20(tmp_path):
-    """g++ / c++ if it has what the emulation needs (C++20 <barrier>, _Float16), else None."""
+    """g++ / c++ if it has what the emulation needs (C++20, _Float16, x86-64 for the fibers), else None."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None
     probe = tmp_path / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n")
-    result = subprocess.run([compiler, "-std=c++20", "-pthread", str(probe), "-o", str(tmp_path / "probe")],
-                            capture_output=True)
+    probe.write_text("#if !defined(__x86_64__)\n#error fibers\n#endif\n"
+                     "#include <span>\nint main() { _Float16 h = 1; return int(h) - 1; }\n")
+    result = subprocess.run([compiler, "-std=c++20", str(probe), "-o", str(tmp_path / "probe")], capture_output=True)
     return compiler if result.returncode == 0 else None
 
 
 def test_kernels_on_cpu_emulation(tmp_path):
-    """forward.cu and backward.cu themselves, compiled for the CPU emulation of CUDA in
-    csrc/host_tests/emulation and run through the public entry points against a direct double
-    computation (csrc/host_tests/kernels_emulated_test.cpp)."""
+    """forward.cu and weights.cu themselves, compiled for the CPU emulation of CUDA in
+    csrc/host_tests/emulation (fibers per thread, the PTX primitives with per-lane semantics) and
+    run through the public entry points against a direct double computation, with the weights'
+    S checked bit for bit against the forward's (csrc/host_tests/kernels_emulated_test.cpp)."""
     compiler = _host_compiler_with_cxx20(tmp_path)
     if compiler is None:
-        pytest.skip("no host compiler with C++20 <barrier> and _Float16")
-    sources = []
-    for name in ("forward.cu", "backward.cu"):
+        pytest.skip("no host compiler with C++20 and _Float16")
+    sources = [build.CSRC / "host_tests" / "kernels_emulated_test.cpp", EMULATION / "cuda_emulation.cpp"]
+    for name in ("forward.cu", "weights.cu"):
         text, launches = KERNEL_LAUNCH.subn(
             lambda m: f"::emulation::Launcher({m.group(2)}).run({m.group(1)}, ", (build.CSRC / name).read_text())
-        assert launches >= 3, f"no kernel launches found in {name}"
+        assert launches >= 2, f"no kernel launches found in {name}"
         sources.append(tmp_path / f"{name}.cpp")
         sources[-1].write_text(f'#line 1 "{build.CSRC / name}"\n' + text)
+    flags = ["-std=c++20", "-O1", "-Wno-unknown-pragmas", "-DFUSED_LOSSES_HOST_EMULATION", f"-I{EMULATION}",
+             f"-I{build.CSRC}"]
+    objects = [tmp_path / f"{source.name}.o" for source in sources]
+    compiles = [subprocess.Popen([compiler, *flags, "-c", str(source), "-o", str(obj)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for source, obj in zip(sources, objects)]
+    for compiled in compiles:
+        output = compiled.communicate()[0]
+        assert compiled.returncode == 0, f"compile error:\n{output}"
     binary = tmp_path / "kernels_emulated_test"
-    _compile_and_run([compiler, "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", f"-I{EMULATION}",
-                      f"-I{build.CSRC}", *map(str, sources), str(build.CSRC / "host_tests" / "kernels_emulated_test.cpp"),
-                      "-o", str(binary)], binary)
+    _compile_and_run([compiler, *map(str, objects), "-o", str(binary)], binary)
 
 
 # -- build script ------------------------------------------------------------------------------
@@ -179,16 +186,39 @@ def test_workspace_sizes_are_bounded(ext):
     n, m, d = 65536, 65536, 512
     problem, launch = _problem(ext, n, m, d), _launch(ext, 256 << 20)
     forward = ext.lse_forward_workspace_bytes(problem, True, True, launch)
-    backward = ext.lse_backward_workspace_bytes(problem, launch)
-    assert forward <= (256 << 20) + 64 * n * 8 + 2 * m * 8 + 4096  # partials under the cap, O(N + M) rest
-    assert (256 << 20) - 64 * m * 4 < backward <= (256 << 20) + 4096  # a 1024-row chunk of fp32 weights
-    assert ext.softplus_backward_workspace_bytes(problem, launch) >= backward
-    assert ext.lse_forward_workspace_bytes(problem, False, True, launch) < forward
+    splits = 132 * ext.tile["max_ctas_per_sm"]
+    assert forward <= (256 << 20) + splits * n * 8 + 2 * m * 8 + 4096  # partials under the cap, O(N + M) rest
+    assert ext.lse_forward_workspace_bytes(problem, True, False, launch) < forward
+    # the sigmoid weights keep one float per CTA of the chunk
+    sums = ext.softplus_weights_workspace_bytes(problem=problem, row_start=0, row_stop=4096, launch=launch)
+    assert 0 < sums <= 4 * 32 * 512 + 256
+
+
+def test_extension_reports_its_tile(ext):
+    tile = ext.tile
+    assert (tile["rows"], tile["cols"], tile["threads"], tile["stages"]) == (128, 128, 256, 3)
+    assert tile["dynamic_shared_bytes"] == tile["stages"] * 256 * tile["stage_row_bytes"] + 128
+    assert tile["max_row_stride_bytes"] == 1 << 25
 
 
 def test_problem_rejects_empty_sizes(ext):
     with pytest.raises(ValueError, match="n > 0"):
         _problem(ext, n=0)
+
+
+@pytest.mark.parametrize("stride", [63, (1 << 24) + 1])
+def test_problem_rejects_row_strides(ext, stride):
+    with pytest.raises(ValueError, match="row strides"):
+        _problem(ext, d=64, k_row_stride=stride)
+
+
+@pytest.mark.parametrize("rows, stride, match", [((0, 1001), 70000, "row_stop"), ((5, 5), 70000, "row_start"),
+                                                 ((0, 10), 69999, "out_row_stride")])
+def test_weights_chunk_is_checked(ext, rows, stride, match):
+    problem, launch = _problem(ext), _launch(ext)
+    with pytest.raises(ValueError, match=match):
+        ext.lse_weights(problem=problem, lse_row=256, lse_col=0, grad_row=256, grad_col=0, row_start=rows[0],
+                        row_stop=rows[1], out=512, out_row_stride=stride, row_scale=256, col_scale=256, launch=launch)
 
 
 def test_launch_without_gpu_raises_cleanly(ext):
