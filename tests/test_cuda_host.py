@@ -17,7 +17,7 @@ import torch
 
 import fused_losses.backends as backends
 from fused_losses.backends.base import BackendUnavailable
-from fused_losses.backends.cuda import _extension, build, make_kernels, unavailable_reason
+from fused_losses.backends.cuda import _extension, build, compile_check, make_kernels, unavailable_reason
 
 HOST_TEST = build.CSRC / "host_tests" / "similarity_math_test.cpp"
 REQUIRE_EXTENSION = os.environ.get("FUSED_LOSSES_BUILD_CUDA") == "1"
@@ -235,6 +235,33 @@ def test_launch_checks_workspace_size(ext):
     problem, launch = _problem(ext), _launch(ext)
     with pytest.raises(ValueError, match="workspace"):
         ext.softplus_forward(problem=problem, bias=256, sp_row=256, workspace=512, workspace_bytes=16, launch=launch)
+
+
+def test_compile_check_sm90(ext):
+    """What ptxas made of every kernel for sm_90, read from the build's objects (about 3 s): no
+    spills, the tile kernels at their designed occupancy and stage shape (4 steps of 32 bytes of
+    depth per stage: 24 ldmatrix.x4 and 64 MMAs per warp, three times the MMAs for split TF32)."""
+    cuobjdump = compile_check.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton)")
+    if 90 not in build.parse_archs(ext.cuda_archs):
+        pytest.skip(f"the extension is built for sm {ext.cuda_archs}, without sm_90")
+    stale = compile_check.stale_objects_reason()
+    if stale:
+        pytest.fail(stale) if REQUIRE_EXTENSION else pytest.skip(stale)
+    reports = compile_check.kernel_reports(compile_check.build_objects(), 90, cuobjdump)
+    tile = ext.tile
+    for report in reports:
+        print(compile_check.format_report(report, 90, tile["threads"], tile["dynamic_shared_bytes"]))
+    assert not [r.label for r in reports if r.spills]
+    tile_kernels = [r for r in reports if r.stage is not None]
+    assert len(tile_kernels) == 20  # forward: 4 configs x (lse, lse + columns, softplus); weights: 4 x 2
+    for report in tile_kernels:
+        ctas = compile_check.ctas_per_sm(90, report.registers, tile["threads"],
+                                         report.shared_bytes + tile["dynamic_shared_bytes"])
+        assert ctas >= 1 if "fp32" in report.label else ctas == 2, report.label
+        split = "split-tf32" in report.label
+        assert (report.stage.hmma, report.stage.ldsm) == (192 if split else 64, 24), report.label
 
 
 # -- the backend's Python side -----------------------------------------------------------------
