@@ -84,7 +84,7 @@ WeightsChunk weights_chunk(const SimilarityProblem& problem, int64_t row_start, 
     throw std::invalid_argument("weights: out_row_stride " + std::to_string(out_row_stride) + " is below m = " +
                                 std::to_string(problem.m));
   }
-  return {row_start,      row_stop, device_pointer<void>(out), out_row_stride, device_pointer<const float>(row_scale),
+  return {row_start, row_stop, device_pointer<void>(out), out_row_stride, device_pointer<const float>(row_scale),
           device_pointer<const float>(col_scale)};
 }
 
@@ -204,7 +204,8 @@ PYBIND11_MODULE(_C, m) {
         if ((grad_row != 0 && lse_row == 0) || (grad_col != 0 && lse_col == 0)) {
           throw std::invalid_argument("lse_weights: a gradient is given for a direction without its lse");
         }
-        const WeightsChunk chunk = weights_chunk(problem, row_start, row_stop, out, out_row_stride, row_scale, col_scale);
+        const WeightsChunk chunk =
+            weights_chunk(problem, row_start, row_stop, out, out_row_stride, row_scale, col_scale);
         run("lse_weights", launch, 0, 0, 0, [&](void*) {
           return fused_losses::lse_weights(problem, device_pointer<const float>(lse_row),
                                            device_pointer<const float>(lse_col), device_pointer<const float>(grad_row),
@@ -227,7 +228,8 @@ PYBIND11_MODULE(_C, m) {
       [](const SimilarityProblem& problem, uintptr_t bias, uintptr_t grad_row, int64_t row_start, int64_t row_stop,
          uintptr_t out, int64_t out_row_stride, uintptr_t row_scale, uintptr_t col_scale, uintptr_t weight_sum,
          uintptr_t workspace, size_t workspace_bytes, const Launch& launch) {
-        const WeightsChunk chunk = weights_chunk(problem, row_start, row_stop, out, out_row_stride, row_scale, col_scale);
+        const WeightsChunk chunk =
+            weights_chunk(problem, row_start, row_stop, out, out_row_stride, row_scale, col_scale);
         const size_t required = fused_losses::softplus_weights_workspace_bytes(problem, chunk, launch.config);
         run("softplus_weights", launch, required, workspace, workspace_bytes, [&](void* ws) {
           return fused_losses::softplus_weights(problem, device_pointer<const float>(bias),

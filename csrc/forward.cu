@@ -73,8 +73,7 @@ class ForwardEpilogue {
   // column_partials: this row block's row of column states (with kColumns).
   __device__ ForwardEpilogue(const SimilarityProblem& problem, Reduction reduction, int64_t row0,
                              LseState* column_partials)
-      : problem_(problem), reduction_(reduction), row0_(row0),
-        column_partials_(column_partials) {
+      : problem_(problem), reduction_(reduction), row0_(row0), column_partials_(column_partials) {
     const float scale_log2 = *problem.scale * kLog2E;
     vectors().stage_rows(row0, [&](int64_t row) {
       return Factor{row_similarity_factor(scale_log2, problem.inv_norm_q, row, problem.n)};
@@ -86,7 +85,8 @@ class ForwardEpilogue {
   }
 
   __device__ void stage_columns(int buffer, int64_t col0) {
-    vectors().stage_columns(buffer, col0, [&](int64_t col) { return Factor{col < problem_.m ? problem_.inv_norm_k[col] : 0.f}; });
+    vectors().stage_columns(buffer, col0,
+                            [&](int64_t col) { return Factor{col < problem_.m ? problem_.inv_norm_k[col] : 0.f}; });
   }
 
   __device__ void tile(TileAccumulator& acc, int64_t col0, int buffer) {
@@ -126,7 +126,8 @@ class ForwardEpilogue {
     return states;
   }
   // The running state of the thread's row i over its warp's columns (kept by lane t = 0 of the quad).
-  __device__ static State& running_state(int i) { return row_states()[ThreadTile::warp_col()][ThreadTile::current().row(i)];
+  __device__ static State& running_state(int i) {
+    return row_states()[ThreadTile::warp_col()][ThreadTile::current().row(i)];
   }
 
   // The tile's column states over the block's rows: a column max over the CTA (lanes by shuffles,

@@ -51,7 +51,9 @@ cudaError_t prepare_pipeline_kernel(Kernel* kernel, int* ctas_per_sm) {
 }
 
 // How the column tiles of m columns are dealt to `splits` CTAs (the grid's x dimension).
-inline ColumnSplit column_tiles_split(int64_t m, int64_t splits) { return column_split(ceil_div(m, kTileCols), splits); }
+inline ColumnSplit column_tiles_split(int64_t m, int64_t splits) {
+  return column_split(ceil_div(m, kTileCols), splits);
+}
 
 __device__ __forceinline__ float shuffle_xor(float value, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, value, lane_mask);

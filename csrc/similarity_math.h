@@ -25,20 +25,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 FL_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// [begin, end) of part `part` when [0, count) is cut into `parts` contiguous near-equal pieces;
-// no piece is empty while parts <= count.
-struct IndexRange {
-  int64_t begin;
-  int64_t end;
-};
-
-FL_HOST_DEVICE IndexRange split_range(int64_t count, int64_t parts, int64_t part) {
-  return {count * part / parts, count * (part + 1) / parts};
-}
-
-// The same kind of split for the column tiles of a row block, computed on the host (the kernels
-// then find their range without a division): every split gets tiles_per_split tiles, the first
-// `extra` one more.
+// How the column tiles of a row block are cut into `parts` contiguous near-equal pieces, computed
+// on the host (the kernels then find their range without a division): every piece gets
+// tiles_per_split tiles, the first `extra` one more.
 struct ColumnSplit {
   int tiles_per_split;
   int extra;

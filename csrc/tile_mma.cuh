@@ -11,7 +11,6 @@
 // bit-identical to the forward's.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,8 +19,9 @@
 #include "similarity_kernels.h"
 #include "similarity_math.h"
 
-// Test seam: the CPU emulation (csrc/host_tests/kernels_emulated_test.cpp) defines it to record
-// every entry of S a kernel computes (global row, column, S in log2 units); nothing on the device.
+// Test seam: the CPU emulation (host_tests/emulation/cuda_emulation.h) defines it to report every
+// entry of S a kernel computes (global row, column, S in log2 units) to a hook its tests set;
+// nothing on the device.
 #ifndef FL_OBSERVE_SIMILARITY
 #define FL_OBSERVE_SIMILARITY(row, col, s2)
 #endif
@@ -134,9 +134,9 @@ __host__ __device__ inline bool rows_are_16_byte_aligned(const void* data, int64
   return reinterpret_cast<uintptr_t>(data) % 16 == 0 && (row_stride * static_cast<int64_t>(sizeof(Input))) % 16 == 0;
 }
 
-// A stage holds kStageRowBytes of each of kTileRows rows of Q, then of kTileCols rows of K; the 16-byte chunk
-// c of stage row r lies at chunk c ^ (r % 8) of that row, so that the 8 rows an ldmatrix phase
-// (or a cp.async row) touches fall in distinct banks.
+// A stage holds kStageRowBytes of each of kTileRows rows of Q, then of kTileCols rows of K; the
+// 16-byte chunk c of stage row r lies at chunk c ^ (r % 8) of that row, so that the 8 rows an
+// ldmatrix phase (or a cp.async row) touches fall in distinct banks.
 constexpr int kChunksPerRow = kStageRowBytes / 16;
 static_assert(kChunksPerRow == 8, "the swizzle permutes 8 chunks per row");
 static_assert(kTileRows == kTileCols, "Q and K stage rows are copied by the same passes");
@@ -228,9 +228,9 @@ class TilePipeline {
     // are 128-byte aligned).
     const int swizzle = lane % 8;
     const SharedAddress slot_base = pipeline_base() + slot * kStageBytes;
-    const SharedAddress a_step0 = slot_base +
-                                  (kWarpRows * ThreadTile::warp_row() + 8 * ((lane / 8) % 2) + swizzle) * kStageRowBytes +
-                                  ((lane / 16) ^ swizzle) * 16;
+    const SharedAddress a_step0 =
+        slot_base + (kWarpRows * ThreadTile::warp_row() + 8 * ((lane / 8) % 2) + swizzle) * kStageRowBytes +
+        ((lane / 16) ^ swizzle) * 16;
     const SharedAddress b_step0 =
         slot_base + (kTileRows + kWarpCols * ThreadTile::warp_col() + 8 * (lane / 16) + swizzle) * kStageRowBytes +
         (((lane / 8) % 2) ^ swizzle) * 16;
@@ -269,8 +269,8 @@ class TilePipeline {
   }
 
  private:
-  // One stage (bytes [stage * kStageRowBytes, +kStageRowBytes) of every row) of Q rows row0_.. and
-  // K rows col0.. into a slot; rows and bytes outside the operands read as zero.
+  // One stage (bytes [stage * kStageRowBytes, +kStageRowBytes) of every row) of the CTA's rows of
+  // Q and the rows col0.. of K into a slot; rows and bytes outside the operands read as zero.
   __device__ void issue(int64_t col0, int stage, int slot) const {
     const int offset = slot * kStageBytes;
     const BlockRows q = q_block();
@@ -280,7 +280,9 @@ class TilePipeline {
                problem_.m - col0, offset + kTileRows * kStageRowBytes, stage);
   }
 
-  static __device__ int64_t stride_bytes(int64_t row_stride) { return row_stride * static_cast<int64_t>(sizeof(Input)); }
+  static __device__ int64_t stride_bytes(int64_t row_stride) {
+    return row_stride * static_cast<int64_t>(sizeof(Input));
+  }
 
   // The CTA's block of rows of Q: its first row and how many rows the operand has from there on
   // (in shared memory: a per-CTA value the compiler would otherwise keep in registers).

@@ -56,7 +56,7 @@ class CudaKernels:
     fp32_precision: how fp32 inputs are multiplied on the tensor cores: "split_tf32" (default; each
     operand split into two TF32 parts, three products, close to fp32 accuracy) or "tf32" (one
     product, about 1e-3 relative error, up to 3x faster). fp16 / bf16 inputs use their own MMA.
-    workspace_limit_bytes: soft cap on each call's workspace (see the module docstring).
+    workspace_limit_bytes: soft cap on the forward's workspace (see the module docstring).
     """
 
     name = "cuda"
@@ -87,30 +87,18 @@ class CudaKernels:
         call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
         if call.empty or (grad_row is None and grad_col is None):
             return _empty(q.shape, q.device).zero_(), _empty(k.shape, q.device).zero_()
-        write = self.lse_weights_writer(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row,
-                                        grad_col, call=call)
+        write = _lse_writer(call, lse_row, lse_col, grad_row, grad_col)
         u, v, _ = chunked_backward.chunked_backward(call.q, call.k, call.inv_norm_q, call.inv_norm_k, call.scale,
                                                     chunked_backward.weight_bound(grad_row, grad_col), write,
                                                     row_multiple=call.ext.tile["rows"])
         return u, v
 
     def lse_weights_writer(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row,
-                           grad_col, call=None):
-        """The weights writer of lse_backward (chunked_backward's contract): writes
+                           grad_col) -> chunked_backward.WeightsWriter:
+        """The weights writer of lse_backward (chunked_backward's contract) for N, M > 0: writes
         W_ij = grad_row_i exp(S_ij - lse_row_i) + grad_col_j exp(S_ij - lse_col_j), scaled."""
-        call = call or _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        if grad_row is None and grad_col is None:
-            raise ValueError("lse weights: neither grad_row nor grad_col is given")
-        if (grad_row is not None and lse_row is None) or (grad_col is not None and lse_col is None):
-            raise ValueError("lse_backward: a gradient is given for a direction without its lse")
-        lse_row, lse_col, grad_row, grad_col = (_stat_vector(x, q.device) for x in (lse_row, lse_col, grad_row, grad_col))
-
-        def write(out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> None:
-            call.ext.lse_weights(problem=call.problem, lse_row=_address(lse_row), lse_col=_address(lse_col),
-                                 grad_row=_address(grad_row), grad_col=_address(grad_col),
-                                 **_chunk_args(call, out, row_start, row_stop, row_scale, col_scale), launch=call.launch)
-
-        return write
+        return _lse_writer(_Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset), lse_row, lse_col, grad_row,
+                           grad_col)
 
     def softplus_forward(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset):
         call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
@@ -127,30 +115,50 @@ class CudaKernels:
         if call.empty:
             return (_empty(q.shape, q.device).zero_(), _empty(k.shape, q.device).zero_(),
                     _empty((), q.device).zero_())
-        write = self.softplus_weights_writer(q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row, call=call)
         return chunked_backward.chunked_backward(call.q, call.k, call.inv_norm_q, call.inv_norm_k, call.scale,
-                                                 chunked_backward.weight_bound(grad_row), write,
+                                                 chunked_backward.weight_bound(grad_row),
+                                                 _softplus_writer(call, bias, grad_row),
                                                  row_multiple=call.ext.tile["rows"], sum_weights=True)
 
-    def softplus_weights_writer(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row, call=None):
-        """The weights writer of softplus_backward (chunked_backward's contract): writes
+    def softplus_weights_writer(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset,
+                                grad_row) -> chunked_backward.WeightsWriter:
+        """The weights writer of softplus_backward (chunked_backward's contract) for N, M > 0: writes
         W_ij = grad_row_i sigmoid(S_ij + bias), scaled, and returns the chunk's sum of W (0-d)."""
-        call = call or _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        bias = _stat_scalar(bias, q.device)
-        grad_row = _stat_vector(grad_row, q.device)
+        return _softplus_writer(_Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset), bias, grad_row)
 
-        def write(out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> Tensor:
-            weight_sum = _empty((), q.device)
-            bytes_needed = call.ext.softplus_weights_workspace_bytes(problem=call.problem, row_start=row_start,
-                                                                     row_stop=row_stop, launch=call.launch)
-            workspace = _empty(max(bytes_needed, 1), q.device, torch.uint8)
-            call.ext.softplus_weights(problem=call.problem, bias=bias.data_ptr(), grad_row=grad_row.data_ptr(),
-                                      **_chunk_args(call, out, row_start, row_stop, row_scale, col_scale),
-                                      weight_sum=weight_sum.data_ptr(), workspace=workspace.data_ptr(),
-                                      workspace_bytes=workspace.numel(), launch=call.launch)
-            return weight_sum
 
-        return write
+def _lse_writer(call: "_Call", lse_row, lse_col, grad_row, grad_col) -> chunked_backward.WeightsWriter:
+    if grad_row is None and grad_col is None:
+        raise ValueError("lse weights: neither grad_row nor grad_col is given")
+    if (grad_row is not None and lse_row is None) or (grad_col is not None and lse_col is None):
+        raise ValueError("lse weights: a gradient is given for a direction without its lse")
+    lse_row, lse_col, grad_row, grad_col = (_stat_vector(x, call.device)
+                                            for x in (lse_row, lse_col, grad_row, grad_col))
+
+    def write(out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> None:
+        call.ext.lse_weights(problem=call.problem, lse_row=_address(lse_row), lse_col=_address(lse_col),
+                             grad_row=_address(grad_row), grad_col=_address(grad_col),
+                             **_chunk_args(call, out, row_start, row_stop, row_scale, col_scale), launch=call.launch)
+
+    return write
+
+
+def _softplus_writer(call: "_Call", bias, grad_row) -> chunked_backward.WeightsWriter:
+    bias = _stat_scalar(bias, call.device)
+    grad_row = _stat_vector(grad_row, call.device)
+
+    def write(out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+        weight_sum = _empty((), call.device)
+        bytes_needed = call.ext.softplus_weights_workspace_bytes(problem=call.problem, row_start=row_start,
+                                                                 row_stop=row_stop, launch=call.launch)
+        workspace = _empty(max(bytes_needed, 1), call.device, torch.uint8)
+        call.ext.softplus_weights(problem=call.problem, bias=bias.data_ptr(), grad_row=grad_row.data_ptr(),
+                                  **_chunk_args(call, out, row_start, row_stop, row_scale, col_scale),
+                                  weight_sum=weight_sum.data_ptr(), workspace=workspace.data_ptr(),
+                                  workspace_bytes=workspace.numel(), launch=call.launch)
+        return weight_sum
+
+    return write
 
 
 def _chunk_args(call, out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> dict:
@@ -224,7 +232,8 @@ class _Call:
             raise ValueError("inv_norm_q and inv_norm_k must have shapes (N,) and (M,)")
         self.problem = self.ext.SimilarityProblem(
             dtype=getattr(self.ext.DType, _DTYPES[q.dtype]),
-            q=self.q.data_ptr(), q_row_stride=_row_stride(self.q), k=self.k.data_ptr(), k_row_stride=_row_stride(self.k),
+            q=self.q.data_ptr(), q_row_stride=_row_stride(self.q),
+            k=self.k.data_ptr(), k_row_stride=_row_stride(self.k),
             n=n, m=m, d=d, inv_norm_q=self.inv_norm_q.data_ptr(), inv_norm_k=self.inv_norm_k.data_ptr(),
             scale=self.scale.data_ptr(), has_mask=diag_offset is not None, diag_offset=int(diag_offset or 0),
         )
