@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -279,6 +280,18 @@ def test_unavailable_without_gpu():
     assert "CUDA" in reason
     with pytest.raises(BackendUnavailable):
         backends.select_backend("cuda", torch.device("cuda"))
+
+
+def test_unavailable_with_too_little_shared_memory(monkeypatch):
+    """sm_86 / sm_89 GPUs run the sm_80 code but have 99 KiB of shared memory a block."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    properties = SimpleNamespace(shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    assert "99 KiB" in unavailable_reason(torch.device("cuda"))
+    properties.shared_memory_per_block_optin = 227 * 1024
+    assert "shared memory" not in (unavailable_reason(torch.device("cuda")) or "")
 
 
 def test_make_kernels_options():
