@@ -65,7 +65,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2.0", "matplotlib"],
+        # sentence-transformers[train] brings datasets and accelerate (SentenceTransformerTrainer)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2.0", "matplotlib",
+                 "sentence-transformers[train]>=6.2,<7"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fused-losses=fused_losses.cli:main"]},
