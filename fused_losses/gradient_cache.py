@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 import torch
 from torch import Tensor, nn
@@ -113,17 +114,21 @@ class Tower:
     name: str
 
 
-def _cuda_devices(chunk: Any, module: Optional[nn.Module]) -> List[int]:
-    """CUDA devices whose generators the chunk's forward may draw from: those of its tensors and
-    the module's parameters and buffers, and the current device. Empty while CUDA is not
-    initialized (nothing on a CUDA device then), so CUDA is never initialized here."""
+def _module_cuda_devices(module: Optional[nn.Module]) -> Set[int]:
+    """CUDA devices of the module's parameters and buffers, and the current device; empty while
+    CUDA is not initialized (nothing is on a CUDA device then: CUDA is never initialized here)."""
     if not torch.cuda.is_initialized():
-        return []
+        return set()
     devices = {torch.cuda.current_device()}
-    devices.update(t.get_device() for _, t in _tensors(chunk) if t.is_cuda)
     if module is not None:
         devices.update(t.get_device() for t in (*module.parameters(), *module.buffers()) if t.is_cuda)
-    return sorted(devices)
+    return devices
+
+
+def _cuda_devices(chunk: Any, module_devices: Set[int]) -> List[int]:
+    """CUDA devices whose generators the chunk's forward may draw from: those of its tensors and
+    ``module_devices``."""
+    return sorted(module_devices.union(t.get_device() for _, t in _tensors(chunk) if t.is_cuda))
 
 
 class RandomState:
@@ -206,9 +211,10 @@ class ChunkedEmbeddings:
         embeddings, random_states = [], []
         for tower in towers:
             tower_embeddings, tower_states = [], []
+            module_devices = _module_cuda_devices(tower.module)
             for begin, end in progress(tower.ranges, "Embed mini-batches"):
                 chunk = tower.chunk(begin, end)
-                tower_states.append(RandomState(_cuda_devices(chunk, tower.module))
+                tower_states.append(RandomState(_cuda_devices(chunk, module_devices))
                                     if save_random_state else None)
                 with torch.no_grad():
                     out = _check_embeddings(tower.encode(chunk), tower, begin, end)

@@ -124,6 +124,30 @@ def test_dropout_masks_and_random_state_match_a_plain_chunked_forward(gen):
     assert torch.equal(torch.get_rng_state(), state_after_plain)
 
 
+def test_cuda_generator_states_are_saved_and_replayed(gen, monkeypatch):
+    """Without a GPU: a stand-in CUDA generator (a counter the encoder draws from) shows that each
+    chunk is replayed from the CUDA state it first started from, and that the outer state is
+    where the first pass left it."""
+    generator = {"state": 0}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": torch.tensor([generator["state"]]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": generator.update(state=int(state[0])))
+    draws = []
+    weight = torch.ones((), dtype=torch.float64, requires_grad=True)
+
+    def encoder(x):
+        draws.append(generator["state"])
+        generator["state"] += 1
+        return x * weight
+
+    fl.cached_backward(lambda a: a.sum(), [encoder], [_randn(gen, 5, 3)], chunk_size=2)
+    assert draws == [0, 1, 2, 0, 1, 2]
+    assert generator["state"] == 3
+
+
 def test_dict_and_sequence_inputs_with_non_tensor_entries(gen):
     ours, theirs = _twins(DictEncoder(), SequenceEncoder())
     n = 9
