@@ -172,6 +172,17 @@ def test_cached_replays_with_the_forwards_autocast_settings(gen):
         assert torch.equal(inside, outside)
 
 
+@pytest.mark.parametrize("name,extra", [("MultipleNegativesRankingLoss", {}),
+                                        ("CachedMultipleNegativesRankingLoss",
+                                         dict(mini_batch_size=3))])
+def test_inside_their_matryoshka_loss(gen, name, extra):
+    """MatryoshkaLoss wraps a cached loss by decorating its calculate_loss."""
+    model = tiny_model(0.2)
+    assert_same(st_losses.MatryoshkaLoss(model, getattr(fused_st, name)(model, **extra), [5, 3]),
+                st_losses.MatryoshkaLoss(model, getattr(st_losses, name)(model, **extra), [5, 3]),
+                columns(gen, 7, 3), seed=4)
+
+
 @pytest.mark.parametrize("ours,theirs,extra", [
     (fused_st.MultipleNegativesSymmetricRankingLoss, st_losses.MultipleNegativesSymmetricRankingLoss,
      {}),
