@@ -217,6 +217,15 @@ def test_subclasses_theirs_with_their_configuration(name):
     assert ours.get_config_dict()["scale"] == 3.0
 
 
+def test_columns_of_different_sizes_raise(gen):
+    model = tiny_model()
+    features = columns(gen, 4, 1) + columns(gen, 3, 1)
+    for loss in (fused_st.MultipleNegativesRankingLoss(model),
+                 fused_st.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2)):
+        with pytest.raises(ValueError, match=r"one row per anchor .* got columns of \[4, 3\] rows"):
+            loss(features, None)
+
+
 def test_bad_backend_raises():
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_st.CachedMultipleNegativesRankingLoss(tiny_model(), backend="tpu")

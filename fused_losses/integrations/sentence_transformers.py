@@ -173,6 +173,10 @@ class _FusedScoring:
             return super().compute_loss_from_embeddings(embeddings, labels)
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        if len({e.shape[0] for e in embeddings}) > 1:
+            raise ValueError(f"every input column must hold one row per anchor (the anchor, its "
+                             f"positive, its hard negatives), got columns of "
+                             f"{[e.shape[0] for e in embeddings]} rows")
         return ranking_loss(
             embeddings[0], embeddings[1:], scale=self.scale, normalize=normalize,
             directions=self.directions, partition_mode=self.partition_mode,
