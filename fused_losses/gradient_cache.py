@@ -103,7 +103,8 @@ class Tower:
         write into the dict they get).
     ranges: the chunks' (begin, end), in order.
     module: the module behind ``encode``, for DistributedDataParallel's gradient sync and the
-        CUDA devices whose random state to save (None: no DDP, devices of the inputs only).
+        CUDA devices whose random state to save (None: no DDP; the devices of the inputs and the
+        current device only).
     name: how error messages call it, e.g. "encoders[1]".
     """
 
