@@ -16,7 +16,6 @@ appends the records to benchmarks/results/sentence_transformers_<date>.jsonl.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 
@@ -26,16 +25,8 @@ from benchmarks.fresh_process import child_main, measure_in_child, measure_step,
 from fused_losses.benchmarking import environment, time_ms, write_records
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_sentence_transformers.py"
 MODULE = "benchmarks.sentence_transformers_benchmark"
 PROVIDERS = ("theirs", "fused")
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("train_sentence_transformers", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pairs(batch: int, vocab_size: int, max_words: int, device: str):
@@ -54,10 +45,11 @@ def measure(config: dict) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses as st_losses
 
+    from examples.train_sentence_transformers import HashedWordEncoder
     from fused_losses.integrations import sentence_transformers as fused_st
 
     torch.set_num_threads(config["threads"])
-    encoder = _example().HashedWordEncoder(dim=config["dim"])
+    encoder = HashedWordEncoder(dim=config["dim"])
     model = SentenceTransformer(modules=[encoder], device=config["device"])
     losses = {"theirs": st_losses, "fused": fused_st}[config["provider"]]
     loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config["mini_batch_size"])

@@ -5,7 +5,6 @@ ranks; configuration, fallback, and the example trained with SentenceTransformer
 
 import copy
 import importlib.util
-import pathlib
 import re
 import warnings
 
@@ -18,29 +17,19 @@ st_losses = pytest.importorskip(
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.util import cos_sim, dot_score, euclidean_sim  # noqa: E402
 
+from examples import train_sentence_transformers as example  # noqa: E402
 from fused_losses.integrations import sentence_transformers as fused_st  # noqa: E402
 from tests.ranks import run_on_ranks  # noqa: E402
 
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_sentence_transformers.py"
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 SYMMETRIC = ("query_to_doc", "doc_to_query")
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("train_sentence_transformers", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXAMPLE_MODULE = _load_example()
 
 
 def tiny_model(dropout=0.0, seed=0):
     """The example's encoder (hashed-word embeddings, mean pool, MLP) in float64."""
     torch.manual_seed(seed)
-    encoder = EXAMPLE_MODULE.HashedWordEncoder(vocab_size=50, width=6, hidden=7, dim=5,
+    encoder = example.HashedWordEncoder(vocab_size=50, width=6, hidden=7, dim=5,
                                                dropout=dropout)
     return SentenceTransformer(modules=[encoder], device="cpu").double()
 
@@ -283,7 +272,7 @@ def test_example_trains_both_losses_to_the_same_curve(tmp_path, capsys):
     pytest.importorskip("datasets", reason="the example's trainer needs datasets")
     pytest.importorskip("accelerate", reason="the example's trainer needs accelerate")
     plot = tmp_path / "curves.png"
-    exit_code = EXAMPLE_MODULE.main(["--steps", "3", "--batch-size", "32", "--mini-batch-size",
+    exit_code = example.main(["--steps", "3", "--batch-size", "32", "--mini-batch-size",
                                      "8", "--concepts", "128", "--test-concepts", "64",
                                      "--plot", str(plot)])
     out = capsys.readouterr().out
