@@ -1,20 +1,20 @@
-"""Build and install fused_losses.
+"""Build fused_losses: the metadata is in pyproject.toml; this file adds the CUDA extension.
 
-    pip install .            # pure Python package (the torch backend; triton if installed)
+    pip install .            # the package; the CUDA extension too where nvcc is found
     pip install .[test]      # plus what the tests need
 
-The CUDA extension (backend="cuda", kernels in csrc/) is built with nvcc and ninja when nvcc is
-found, and skipped otherwise. FUSED_LOSSES_BUILD_CUDA=1 requires it (a missing tool or a compile
-error fails the build), =0 skips it. FUSED_LOSSES_CUDA_ARCHS picks the GPU archs (default "80;90"),
-MAX_JOBS the parallel compile jobs. The build needs pybind11 (and ninja) importable, so with
-build isolation on, use: FUSED_LOSSES_BUILD_CUDA=1 pip install --no-build-isolation .
+The CUDA extension (backend="cuda", kernels in csrc/) is built with nvcc, ninja and pybind11 (the
+last two come with the build requirements in pyproject.toml) when nvcc is found, and skipped
+otherwise. FUSED_LOSSES_BUILD_CUDA=1 requires it (a missing tool or a compile error fails the
+build), =0 skips it. FUSED_LOSSES_CUDA_ARCHS picks the GPU archs (default "80;90"), MAX_JOBS the
+parallel compile jobs.
 """
 
 import importlib.util
 import os
 import sys
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -55,20 +55,4 @@ def cuda_extensions():
     return [Extension("fused_losses.backends.cuda._C", sources=[])]
 
 
-setup(
-    name="fused_losses",
-    version="0.1.0",
-    description="Fused GPU kernels for large-batch contrastive losses (CLIP, SimCLR, SupCon, SigLIP)",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["fused_losses", "fused_losses.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2.0", "matplotlib"],
-        "bench": ["matplotlib"],
-    },
-    entry_points={"console_scripts": ["fused-losses=fused_losses.cli:main"]},
-    ext_modules=cuda_extensions(),
-    cmdclass={"build_ext": BuildCudaExtension},
-)
+setup(ext_modules=cuda_extensions(), cmdclass={"build_ext": BuildCudaExtension})

@@ -3,7 +3,7 @@
 # network), from the repository root. Each part fits in one 10-minute call; logs and results go
 # to $OUT (default benchmarks/results), to be committed under benchmarks/results/.
 #
-#   bash benchmarks/gpu_session.sh checks            # build the CUDA extension, every GPU test, memcheck
+#   bash benchmarks/gpu_session.sh checks            # build the CUDA extension, every GPU test, compute-sanitizer
 #   bash benchmarks/gpu_session.sh sweep PRESET      # one part of the benchmark sweep (benchmarks/README.md):
 #        gpu-bf16-clip gpu-bf16-siglip gpu-fp32-clip gpu-fp32-siglip gpu-max-batch-clip gpu-max-batch-siglip
 #   bash benchmarks/gpu_session.sh kernels [NxD ...] # each piece of the CLIP forward+backward against torch.mm,
@@ -25,8 +25,10 @@ case "${1:-}" in
       python3 -m fused_losses.backends.cuda.build 2>&1 | tee -a "$log" || status=1
     python3 -m fused_losses --no-bench 2>&1 | tee -a "$log" || status=1
     python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee -a "$log" || status=1
-    compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_gpu.py -k memcheck 2>&1 \
-      | tee -a "$log" || status=1
+    for tool in memcheck racecheck synccheck; do  # the CUDA kernels on small ragged inputs
+      compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_cuda_gpu.py -k memcheck 2>&1 | tee -a "$log" || status=1
+    done
     exit "$status"
     ;;
   sweep)

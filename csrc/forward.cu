@@ -1,4 +1,5 @@
-// Forward kernels: row (and column) statistics of S, one tile of S at a time.
+// Forward statistics of S: row log-sum-exps or softplus sums and column log-sum-exps, one tile
+// of S at a time, in log2 units on the accumulator fragments.
 #include <algorithm>
 
 #include "kernel_common.cuh"
@@ -6,78 +7,192 @@
 namespace fused_losses {
 namespace {
 
-constexpr int kThreadsPerRow = kThreads / kTileRows;
-constexpr int kColsPerThread = kTileCols / kThreadsPerRow;
-constexpr int kThreadsPerCol = kThreads / kTileCols;
-constexpr int kRowsPerThread = kTileRows / kThreadsPerCol;
 constexpr int kFinishThreads = 256;
 
-// One CTA: row block first_row_block + blockIdx.y against column split blockIdx.x (see
-// ForwardPlan). Leaves the Reduction state of each of its rows over its columns in
-// row_partials[split][row] and, when column_partials is set, the log-sum-exp state of each of its
-// columns over its rows in column_partials[blockIdx.y][col]. shift (nullable) is added to S
-// before the row reduction.
-template <class Config, class Reduction>
-__global__ void __launch_bounds__(kThreads)
-    forward_stats_kernel(SimilarityProblem problem, const float* shift_ptr, int64_t first_row_block,
-                         typename Reduction::State* row_partials, LseState* column_partials) {
-  using Input = typename Config::InputType;
-  __shared__ TileShared<Input> shared;
-  __shared__ float column_factor[kTileCols];
-
-  const int64_t row0 = (first_row_block + blockIdx.y) * kTileRows;
-  const IndexRange column_tiles = split_range(ceil_div(problem.m, kTileCols), gridDim.x, blockIdx.x);
-  const GlobalMatrix<Input> q = q_matrix<Input>(problem);
-  const GlobalMatrix<Input> k = k_matrix<Input>(problem);
-  const float scale = *problem.scale;
-  const float shift = shift_ptr == nullptr ? 0.f : *shift_ptr;
-
-  // Row pass: kThreadsPerRow threads share a row, kColsPerThread contiguous columns each.
-  const int tile_row = threadIdx.x / kThreadsPerRow;
-  const int first_col = (threadIdx.x % kThreadsPerRow) * kColsPerThread;
-  const int64_t row = row0 + tile_row;
-  const float row_factor = row < problem.n ? scale * problem.inv_norm_q[row] : 0.f;
-  // Column pass: kThreadsPerCol threads share a column, kRowsPerThread contiguous rows each.
-  const int tile_col = threadIdx.x / kThreadsPerCol;
-  const int first_row = (threadIdx.x % kThreadsPerCol) * kRowsPerThread;
-
-  typename Reduction::State row_state = Reduction::empty();
-  for (int64_t tile = column_tiles.begin; tile < column_tiles.end; ++tile) {
-    const int64_t col0 = tile * kTileCols;
-    __syncthreads();  // the previous tile's epilogue is done with shared.result and column_factor
-    if (threadIdx.x < kTileCols) {
-      const int64_t col = col0 + threadIdx.x;
-      column_factor[threadIdx.x] = col < problem.m ? problem.inv_norm_k[col] : 0.f;
-    }
-    compute_tile<Config, wmma::row_major, wmma::col_major>(shared, q, k, row0, col0, problem.d);
-
-    // S in place of the raw dot products; -inf where masked or outside the matrix, which drops
-    // the entry from both reductions.
-    float* s_row = shared.result[tile_row];
+// Row reductions of the forward pass over S2 (log2 units), as objects built from the kernel's
+// shift pointer. reduce_tile_row gives, for the thread's row i, the state of the tile's entries
+// held by the thread's quad (the 4 lanes of a fragment row), the same in all 4 lanes.
+__device__ __forceinline__ float quad_sum(float value) {
 #pragma unroll
-    for (int t = 0; t < kColsPerThread; ++t) {
-      const int c = first_col + t;
-      const int64_t col = col0 + c;
-      const bool outside = row >= problem.n || col >= problem.m;
-      s_row[c] = similarity_entry(row_factor, column_factor[c], s_row[c],
-                                  outside || is_masked(row, col, problem.has_mask, problem.diag_offset));
-    }
-    row_state = Reduction::merge(
-        row_state, Reduction::template of_values<kColsPerThread>([&](int t) { return s_row[first_col + t] + shift; }));
+  for (int lanes = 1; lanes < 4; lanes *= 2) value += shuffle_xor(value, lanes);
+  return value;
+}
 
-    if (column_partials != nullptr) {
-      __syncthreads();  // the whole S tile is written
-      LseState col_state = lse_of_values<kRowsPerThread>([&](int t) { return shared.result[first_row + t][tile_col]; });
+struct LseRows {
+  using State = LseState;
+  static constexpr bool kColumnStatistics = true;
+  __device__ static LseRows make(const float* /*shift*/) { return {}; }
+  static FL_HOST_DEVICE State empty() { return lse_empty(); }
+  static FL_HOST_DEVICE State merge(State a, State b) { return lse_merge(a, b); }
+  static FL_HOST_DEVICE float finish(State state) { return lse_finish(state); }
+
+  // The quad's row max by shuffles, then one exponential per entry against it.
+  __device__ State reduce_tile_row(const TileAccumulator& acc, int i) const {
+    float max = kNegInf;
 #pragma unroll
-      for (int lanes = 1; lanes < kThreadsPerCol; lanes *= 2) col_state = lse_merge(col_state, shuffle_xor(col_state, lanes));
-      const int64_t col = col0 + tile_col;
-      if (threadIdx.x % kThreadsPerCol == 0 && col < problem.m) column_partials[blockIdx.y * problem.m + col] = col_state;
+    for (int j = 0; j < kThreadCols; ++j) max = nan_max(max, acc.at(i, j));
+#pragma unroll
+    for (int lanes = 1; lanes < 4; lanes *= 2) max = nan_max(max, shuffle_xor(max, lanes));
+    const float shift = max == kNegInf ? 0.f : max;  // a row of -inf only sums to 0
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kThreadCols; ++j) sum += fast_exp2(acc.at(i, j) - shift);
+    return {max, quad_sum(sum)};
+  }
+};
+
+// sum_j softplus(S_ij + bias), summed in units of ln 2.
+struct SoftplusRows {
+  using State = float;
+  static constexpr bool kColumnStatistics = false;
+  float shift2;  // bias * log2(e)
+  __device__ static SoftplusRows make(const float* shift) { return {*shift * kLog2E}; }
+  static FL_HOST_DEVICE State empty() { return 0.f; }
+  static FL_HOST_DEVICE State merge(State a, State b) { return a + b; }
+  static FL_HOST_DEVICE float finish(State state) { return state * kLn2; }
+
+  __device__ State reduce_tile_row(const TileAccumulator& acc, int i) const {
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kThreadCols; ++j) sum += softplus2(acc.at(i, j) + shift2);
+    return quad_sum(sum);
+  }
+};
+
+// The forward's work on each tile of one CTA's row block: S2 from the accumulators, then the
+// tile's row states merged into the running ones and, with kColumns, the tile's column
+// log-sum-exp states. (Rows are always reduced: a call for column statistics alone is rare and
+// pays one exponential more per entry.)
+// The running row states live in shared memory, one per (warp column, row), kept by the first
+// lane of the row's quad: no registers are held across tiles.
+template <class Reduction, bool kColumns>
+class ForwardEpilogue {
+ public:
+  using State = typename Reduction::State;
+
+  // column_partials: this row block's row of column states (with kColumns).
+  __device__ ForwardEpilogue(const SimilarityProblem& problem, Reduction reduction, int64_t row0,
+                             LseState* column_partials)
+      : problem_(problem), reduction_(reduction), row0_(row0), column_partials_(column_partials) {
+    const float scale_log2 = *problem.scale * kLog2E;
+    vectors().stage_rows(row0, [&](int64_t row) {
+      return Factor{row_similarity_factor(scale_log2, problem.inv_norm_q, row, problem.n)};
+    });
+    if (ThreadTile::lane() % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < kThreadRows; ++i) running_state(i) = Reduction::empty();
     }
   }
 
+  __device__ void stage_columns(int buffer, int64_t col0) {
+    vectors().stage_columns(buffer, col0,
+                            [&](int64_t col) { return Factor{col < problem_.m ? problem_.inv_norm_k[col] : 0.f}; });
+  }
+
+  __device__ void tile(TileAccumulator& acc, int64_t col0, int buffer) {
+    const ThreadTile thread = ThreadTile::current();
+    similarity_log2(acc, thread, vectors().rows, vectors().columns[buffer], thread.mask(problem_, row0_, col0), row0_,
+                    col0);
 #pragma unroll
-  for (int lanes = 1; lanes < kThreadsPerRow; lanes *= 2) row_state = Reduction::merge(row_state, shuffle_xor(row_state, lanes));
-  if (threadIdx.x % kThreadsPerRow == 0 && row < problem.n) row_partials[blockIdx.x * problem.n + row] = row_state;
+    for (int i = 0; i < kThreadRows; ++i) {
+      const State state = reduction_.reduce_tile_row(acc, i);
+      if (ThreadTile::lane() % 4 == 0) running_state(i) = Reduction::merge(running_state(i), state);
+    }
+    if constexpr (kColumns) column_statistics(acc, col0);
+  }
+
+  // row_partials[row] <- the state of each row of the block over the CTA's columns, merged over
+  // the warps of the row in warp order. Call after the sweep.
+  __device__ void finish_rows(State* row_partials) const {
+    __syncthreads();
+    const int r = static_cast<int>(threadIdx.x);
+    if (r < kTileRows && row0_ + r < problem_.n) {
+      State state = Reduction::empty();
+      for (int w = 0; w < kWarpsPerRow; ++w) state = Reduction::merge(state, row_states()[w][r]);
+      row_partials[row0_ + r] = state;
+    }
+  }
+
+ private:
+  struct Factor {
+    float factor;
+  };
+  __device__ static StagedVectors<Factor, Factor>& vectors() {
+    __shared__ StagedVectors<Factor, Factor> staged;
+    return staged;
+  }
+  __device__ static State (&row_states())[kWarpsPerRow][kTileRows] {
+    __shared__ State states[kWarpsPerRow][kTileRows];
+    return states;
+  }
+  // The running state of the thread's row i over its warp's columns (kept by lane t = 0 of the quad).
+  __device__ static State& running_state(int i) {
+    return row_states()[ThreadTile::warp_col()][ThreadTile::current().row(i)];
+  }
+
+  // The tile's column states over the block's rows: a column max over the CTA (lanes by shuffles,
+  // warps through shared memory), then one exponential per entry against it.
+  __device__ void column_statistics(const TileAccumulator& acc, int64_t col0) const {
+    constexpr int kWarpsPerCol = kTileRows / kWarpRows;
+    __shared__ float column_max[kWarpsPerCol][kTileCols];
+    __shared__ float column_sum[kWarpsPerCol][kTileCols];
+    const ThreadTile thread = ThreadTile::current();
+    const int warp_row = ThreadTile::warp_row();
+    const bool first_of_column = ThreadTile::lane() / 4 == 0;
+#pragma unroll
+    for (int j = 0; j < kThreadCols; ++j) {
+      float max = kNegInf;
+#pragma unroll
+      for (int i = 0; i < kThreadRows; ++i) max = nan_max(max, acc.at(i, j));
+#pragma unroll
+      for (int lanes = 4; lanes < 32; lanes *= 2) max = nan_max(max, shuffle_xor(max, lanes));
+      if (first_of_column) column_max[warp_row][thread.col(j)] = max;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kThreadCols; ++j) {
+      float max = kNegInf;
+#pragma unroll
+      for (int w = 0; w < kWarpsPerCol; ++w) max = nan_max(max, column_max[w][thread.col(j)]);
+      const float shift = max == kNegInf ? 0.f : max;  // a column of -inf only sums to 0
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kThreadRows; ++i) sum += fast_exp2(acc.at(i, j) - shift);
+#pragma unroll
+      for (int lanes = 4; lanes < 32; lanes *= 2) sum += shuffle_xor(sum, lanes);
+      if (first_of_column) column_sum[warp_row][thread.col(j)] = sum;
+    }
+    __syncthreads();
+    const int c = static_cast<int>(threadIdx.x);
+    if (c < kTileCols && col0 + c < problem_.m) {
+      LseState state{kNegInf, 0.f};
+      for (int w = 0; w < kWarpsPerCol; ++w) {
+        state.max = nan_max(state.max, column_max[w][c]);
+        state.sum += column_sum[w][c];
+      }
+      column_partials_[col0 + c] = state;
+    }
+  }
+
+  const SimilarityProblem& problem_;
+  Reduction reduction_;
+  int64_t row0_;
+  LseState* column_partials_;
+};
+
+// One CTA: row block first_row_block + blockIdx.y against the column tiles of split blockIdx.x
+// (see ForwardPlan). Leaves the Reduction state of each of its rows over its columns in
+// row_partials[split][row] and, with kColumns, the log-sum-exp state of each column over its
+// rows in column_partials[blockIdx.y][col]. shift (nullable) is read by Reduction::make.
+template <class Config, class Reduction, bool kColumns>
+__global__ void __launch_bounds__(kThreads, Config::kMinCtasPerSm)
+    forward_kernel(SimilarityProblem problem, const float* shift, ColumnSplit split, int64_t first_row_block,
+                   typename Reduction::State* row_partials, LseState* column_partials) {
+  const int64_t row0 = (first_row_block + blockIdx.y) * kTileRows;
+  ForwardEpilogue<Reduction, kColumns> epilogue(problem, Reduction::make(shift), row0,
+                                                kColumns ? column_partials + blockIdx.y * problem.m : nullptr);
+  sweep_column_tiles<Config>(problem, row0, split_tiles(split, static_cast<int>(blockIdx.x)), epilogue);
+  epilogue.finish_rows(row_partials + blockIdx.x * problem.n);
 }
 
 // out[row] = the Reduction of row's partial states over the column splits, in split order.
@@ -111,27 +226,39 @@ ForwardPlan forward_plan(const SimilarityProblem& problem, bool with_columns, co
                       config.workspace_limit);
 }
 
-// row_out (n) <- Reduction of S + shift over each row; col_out (m, nullable) <- column lse.
+// row_out (n, nullable) <- Reduction of S over each row; col_out (m, nullable) <- column lse.
 template <class Reduction>
 cudaError_t launch_forward(const SimilarityProblem& problem, const float* shift, float* row_out, float* col_out,
                            void* workspace, const LaunchConfig& config) {
-  if (!is_valid(problem) || row_out == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
-  const ForwardPlan plan = forward_plan<Reduction>(problem, col_out != nullptr, config);
+  if (!is_valid(problem) || (row_out == nullptr && col_out == nullptr) || workspace == nullptr ||
+      (col_out != nullptr && !Reduction::kColumnStatistics)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool want_cols = col_out != nullptr;
+  const ForwardPlan plan = forward_plan<Reduction>(problem, want_cols, config);
   char* base = static_cast<char*>(workspace);
   auto* row_partials = reinterpret_cast<typename Reduction::State*>(base + plan.row_partials_offset);
-  LseState* column_partials =
-      col_out == nullptr ? nullptr : reinterpret_cast<LseState*>(base + plan.column_partials_offset);
+  auto* column_partials = reinterpret_cast<LseState*>(base + plan.column_partials_offset);
   auto* column_states = reinterpret_cast<LseState*>(base + plan.column_states_offset);
 
   return dispatch_input_type(problem.dtype, config.fp32_single_pass_tf32, [&](auto tag) {
     using Config = decltype(tag);
+    auto* kernel = forward_kernel<Config, Reduction, false>;
+    if constexpr (Reduction::kColumnStatistics) {
+      if (want_cols) kernel = forward_kernel<Config, Reduction, true>;
+    }
+    int ctas_per_sm = 0;
+    FL_RETURN_IF_ERROR(prepare_pipeline_kernel(kernel, &ctas_per_sm));
+    // One split count for every launch: the row partials of all rows are merged alike.
+    const int64_t splits = column_splits_for(plan.row_blocks_per_launch, ceil_div(problem.m, kTileCols),
+                                             int64_t{config.num_sms} * std::min(ctas_per_sm, kMaxCtasPerSm));
     for (int64_t first = 0; first < plan.row_blocks; first += plan.row_blocks_per_launch) {
       const int64_t row_blocks = std::min(plan.row_blocks_per_launch, plan.row_blocks - first);
-      forward_stats_kernel<Config, Reduction>
-          <<<dim3(static_cast<unsigned>(plan.column_splits), static_cast<unsigned>(row_blocks)), kThreads, 0,
-             config.stream>>>(problem, shift, first, row_partials, column_partials);
+      kernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(row_blocks)), kThreads, kDynamicSharedBytes,
+               config.stream>>>(problem, shift, column_tiles_split(problem.m, splits), first, row_partials,
+                                column_partials);
       FL_RETURN_IF_ERROR(cudaGetLastError());
-      if (col_out != nullptr) {
+      if (want_cols) {
         const bool last_launch = first + row_blocks >= plan.row_blocks;
         fold_column_partials_kernel<<<static_cast<unsigned>(ceil_div(problem.m, kFinishThreads)), kFinishThreads, 0,
                                       config.stream>>>(column_partials, row_blocks, problem.m, column_states,
@@ -139,46 +266,35 @@ cudaError_t launch_forward(const SimilarityProblem& problem, const float* shift,
         FL_RETURN_IF_ERROR(cudaGetLastError());
       }
     }
-    finish_rows_kernel<Reduction><<<static_cast<unsigned>(ceil_div(problem.n, kFinishThreads)), kFinishThreads, 0,
-                                    config.stream>>>(row_partials, plan.column_splits, problem.n, row_out);
-    return cudaGetLastError();
+    if (row_out != nullptr) {
+      finish_rows_kernel<Reduction><<<static_cast<unsigned>(ceil_div(problem.n, kFinishThreads)), kFinishThreads, 0,
+                                      config.stream>>>(row_partials, splits, problem.n, row_out);
+      FL_RETURN_IF_ERROR(cudaGetLastError());
+    }
+    return cudaSuccess;
   });
-}
-
-// The column statistics of S are the row statistics of S^T = K Q^T, whose mask is S^T[j, j - offset].
-SimilarityProblem transposed(const SimilarityProblem& problem) {
-  SimilarityProblem t = problem;
-  std::swap(t.q, t.k);
-  std::swap(t.q_row_stride, t.k_row_stride);
-  std::swap(t.n, t.m);
-  std::swap(t.inv_norm_q, t.inv_norm_k);
-  t.diag_offset = -problem.diag_offset;
-  return t;
 }
 
 }  // namespace
 
-// Column statistics alone come from the transposed problem's rows: one exp per entry instead of two.
 size_t lse_forward_workspace_bytes(const SimilarityProblem& problem, bool want_rows, bool want_cols,
                                    const LaunchConfig& config) {
-  return want_rows ? forward_plan<LseReduction>(problem, want_cols, config).workspace_bytes
-                   : forward_plan<LseReduction>(transposed(problem), false, config).workspace_bytes;
+  return want_rows || want_cols ? forward_plan<LseRows>(problem, want_cols, config).workspace_bytes : 0;
 }
 
 cudaError_t lse_forward(const SimilarityProblem& problem, float* lse_row, float* lse_col, void* workspace,
                         const LaunchConfig& config) {
-  if (lse_row == nullptr) return launch_forward<LseReduction>(transposed(problem), nullptr, lse_col, nullptr, workspace, config);
-  return launch_forward<LseReduction>(problem, nullptr, lse_row, lse_col, workspace, config);
+  return launch_forward<LseRows>(problem, nullptr, lse_row, lse_col, workspace, config);
 }
 
 size_t softplus_forward_workspace_bytes(const SimilarityProblem& problem, const LaunchConfig& config) {
-  return forward_plan<SoftplusReduction>(problem, false, config).workspace_bytes;
+  return forward_plan<SoftplusRows>(problem, false, config).workspace_bytes;
 }
 
 cudaError_t softplus_forward(const SimilarityProblem& problem, const float* bias, float* sp_row, void* workspace,
                              const LaunchConfig& config) {
-  if (bias == nullptr) return cudaErrorInvalidValue;
-  return launch_forward<SoftplusReduction>(problem, bias, sp_row, nullptr, workspace, config);
+  if (bias == nullptr || sp_row == nullptr) return cudaErrorInvalidValue;
+  return launch_forward<SoftplusRows>(problem, bias, sp_row, nullptr, workspace, config);
 }
 
 }  // namespace fused_losses

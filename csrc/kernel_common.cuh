@@ -1,4 +1,4 @@
-// Pieces shared by the forward and backward launchers.
+// Pieces shared by the forward and weights launchers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,9 +9,9 @@
 
 namespace fused_losses {
 
-#define FL_RETURN_IF_ERROR(expression)          \
-  do {                                          \
-    const cudaError_t fl_status = (expression); \
+#define FL_RETURN_IF_ERROR(expression)              \
+  do {                                              \
+    const cudaError_t fl_status = (expression);     \
     if (fl_status != cudaSuccess) return fl_status; \
   } while (0)
 
@@ -31,27 +31,28 @@ cudaError_t dispatch_input_type(DType dtype, bool fp32_single_pass_tf32, Launch&
 
 // With d = 0 the inputs hold no elements, and their pointers may be null.
 inline bool is_valid(const SimilarityProblem& problem) {
-  return problem.n > 0 && problem.m > 0 && problem.d >= 0 &&
-         (problem.d == 0 || (problem.q != nullptr && problem.k != nullptr)) && problem.inv_norm_q != nullptr &&
-         problem.inv_norm_k != nullptr && problem.scale != nullptr;
+  const int64_t element = problem.dtype == DType::kFloat32 ? 4 : 2;
+  const auto stride_ok = [&](int64_t stride) { return stride >= problem.d && stride * element <= kMaxRowStrideBytes; };
+  return problem.n > 0 && problem.m > 0 && problem.d >= 0 && stride_ok(problem.q_row_stride) &&
+         stride_ok(problem.k_row_stride) && (problem.d == 0 || (problem.q != nullptr && problem.k != nullptr)) &&
+         problem.inv_norm_q != nullptr && problem.inv_norm_k != nullptr && problem.scale != nullptr;
 }
 
-template <class T>
-__host__ __device__ GlobalMatrix<T> q_matrix(const SimilarityProblem& problem) {
-  return make_global_matrix(static_cast<const T*>(problem.q), problem.q_row_stride, problem.n, problem.d);
+// Opts a pipeline kernel in to its dynamic shared memory and returns, in *ctas_per_sm, how many of
+// its CTAs fit on one SM of the current device (registers, shared memory and threads).
+template <class Kernel>
+cudaError_t prepare_pipeline_kernel(Kernel* kernel, int* ctas_per_sm) {
+  const void* function = reinterpret_cast<const void*>(kernel);
+  FL_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, kDynamicSharedBytes));
+  FL_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, function, kThreads,
+                                                                   kDynamicSharedBytes));
+  return *ctas_per_sm > 0 ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
-template <class T>
-__host__ __device__ GlobalMatrix<T> k_matrix(const SimilarityProblem& problem) {
-  return make_global_matrix(static_cast<const T*>(problem.k), problem.k_row_stride, problem.m, problem.d);
-}
-
-// S_ij from the raw dot product of q_i and k_j, with row_factor = scale * inv_norm_q[i] and
-// col_factor = inv_norm_k[j]. The forward's row pass and the backward both compute S through
-// here, from the same tile routine on the same tiles, so the backward's recomputation matches the
-// S behind lse_row bit for bit.
-__device__ __forceinline__ float similarity_entry(float row_factor, float col_factor, float dot, bool masked) {
-  return masked ? kNegInf : row_factor * col_factor * dot;
+// How the column tiles of m columns are dealt to `splits` CTAs (the grid's x dimension).
+inline ColumnSplit column_tiles_split(int64_t m, int64_t splits) {
+  return column_split(ceil_div(m, kTileCols), splits);
 }
 
 __device__ __forceinline__ float shuffle_xor(float value, int lane_mask) {

@@ -190,7 +190,7 @@ def time_ms(run: Callable[[], object], device: torch.device, *, warmup: int = 1,
             prepare()
         run()
     _synchronize(device)
-    times = []
+    times: List[float] = []
     while len(times) < repeats or (sum(times) < budget_ms and len(times) < MAX_REPEATS):
         if prepare:
             prepare()
@@ -617,7 +617,7 @@ RECORD_KEY = ("device", "provider", "loss", "n", "m", "d", "dtype", "mode")
 def read_records(paths: Iterable[str]) -> List[dict]:
     """The records of the JSON lines files ``paths``; of records with the same RECORD_KEY (a point
     measured again), the last one read."""
-    latest = {}
+    latest: Dict[tuple, dict] = {}
     for path in paths:
         with open(path) as source:
             for line in source:

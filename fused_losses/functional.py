@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,14 @@ from torch import Tensor
 
 from fused_losses import _validation as check
 from fused_losses import distributed
+from fused_losses._typing import ProcessGroup, Scalar
 from fused_losses.primitives import (
     DEFAULT_EPS, as_scalar_tensor, lse_statistics, softplus_statistics, statistics_dtype,
 )
 
 
 def check_loss_options(normalize: bool, reduction: str, backend: str, gather_distributed: bool = False,
-                   process_group=None) -> None:
+                   process_group: Optional[ProcessGroup] = None) -> None:
     check.check_flag("normalize", normalize)
     check.check_reduction(reduction)
     check.check_backend(backend)
@@ -48,7 +49,10 @@ def _reduce(per_item: Tensor, reduction: str, world_size: int = 1,
     if world_size == 1:
         return per_item.mean() if reduction == "mean" else per_item.sum()
     total = world_size * per_item.sum()
-    return total / global_count if reduction == "mean" else total
+    if reduction == "sum":
+        return total
+    assert global_count is not None, "a mean over ranks needs the global number of items"
+    return total / global_count
 
 
 def _embed(x: Tensor, normalize: bool) -> Tensor:
@@ -57,12 +61,12 @@ def _embed(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1, eps=DEFAULT_EPS) if normalize else x
 
 
-def _inverse_temperature(name: str, temperature, like: Tensor) -> Tensor:
+def _inverse_temperature(name: str, temperature: Scalar, like: Tensor) -> Tensor:
     check.check_positive_scalar(name, temperature, like.device)
     return as_scalar_tensor(temperature, statistics_dtype(like.dtype), like.device).reciprocal()
 
 
-def _scale(name: str, value, like: Tensor) -> Tensor:
+def _scale(name: str, value: Scalar, like: Tensor) -> Tensor:
     check.check_positive_scalar(name, value, like.device)
     return as_scalar_tensor(value, statistics_dtype(like.dtype), like.device)
 
@@ -76,9 +80,9 @@ def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, scale: Ten
     return lse - (1 - label_smoothing) * positive - label_smoothing * scale * (u @ key_mean())
 
 
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar, *, normalize: bool = True,
               label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
-              gather_distributed: bool = False, process_group=None) -> Tensor:
+              gather_distributed: bool = False, process_group: Optional[ProcessGroup] = None) -> Tensor:
     """Symmetric InfoNCE of CLIP: 1/2 (cross-entropy over rows + over columns) of
     logit_scale * u @ v.T with pairs on the diagonal.
 
@@ -108,8 +112,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     return _reduce(0.5 * (image_loss + text_loss), reduction, stats.keys.world_size, pairs)
 
 
-def _info_nce_per_query(query, keys, scale, targets, label_smoothing, normalize, backend,
-                        gather_distributed, process_group):
+def _info_nce_per_query(query: Tensor, keys: Tensor, scale: Tensor, targets: Optional[Tensor],
+                        label_smoothing: float, normalize: bool, backend: str, gather_distributed: bool,
+                        process_group: Optional[ProcessGroup]) -> Tuple[Tensor, int, int]:
     """Per-query losses (N,) against the (gathered) keys, the world size and the global number of
     queries; arguments already checked."""
     gathered = distributed.gather_rows(keys, gather_distributed, process_group)
@@ -124,9 +129,10 @@ def _info_nce_per_query(query, keys, scale, targets, label_smoothing, normalize,
     return per_query, gathered.world_size, global_queries
 
 
-def info_nce(query: Tensor, keys: Tensor, temperature=0.07, *, targets: Optional[Tensor] = None,
+def info_nce(query: Tensor, keys: Tensor, temperature: Scalar = 0.07, *, targets: Optional[Tensor] = None,
              label_smoothing: float = 0.0, normalize: bool = True, reduction: str = "mean",
-             backend: str = "auto", gather_distributed: bool = False, process_group=None) -> Tensor:
+             backend: str = "auto", gather_distributed: bool = False,
+             process_group: Optional[ProcessGroup] = None) -> Tensor:
     """One-way InfoNCE: F.cross_entropy(u @ v.T / temperature, targets, label_smoothing, reduction).
 
     query: (N, D); keys: (M, D), M may exceed N (extra negatives, a queue). targets: (N,) integer
@@ -150,9 +156,9 @@ def info_nce(query: Tensor, keys: Tensor, temperature=0.07, *, targets: Optional
     return _reduce(per_query, reduction, world_size, global_queries)
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
+def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: bool = True,
             reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
-            process_group=None) -> Tensor:
+            process_group: Optional[ProcessGroup] = None) -> Tensor:
     """SimCLR's NT-Xent over the 2N views Z = cat([z1, z2]): each view's positive is its partner,
     its negatives all other 2N - 2 views (self excluded).
 
@@ -173,7 +179,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
     return _reduce(lse_row - positive, reduction, all_views.world_size, all_views.rows.shape[0])
 
 
-def _class_sums(u: Tensor, labels: Tensor):
+def _class_sums(u: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-row sum of the u of its class and the class size, with static shapes (no host sync)."""
     sorted_labels, order = labels.sort()
     starts_new_class = torch.ones_like(sorted_labels, dtype=torch.long)
@@ -186,9 +192,9 @@ def _class_sums(u: Tensor, labels: Tensor):
     return sums[class_index], sizes[class_index]
 
 
-def supcon_loss(features: Tensor, labels: Tensor, temperature=0.1, *, normalize: bool = True,
+def supcon_loss(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,
                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
-                process_group=None) -> Tensor:
+                process_group: Optional[ProcessGroup] = None) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020; pytorch-metric-learning's SupConLoss):
 
         loss_i = lse_{a != i} S_ia - mean_{p != i, y_p = y_i} S_ip
@@ -221,9 +227,9 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature=0.1, *, normalize:
     return _reduce(per_anchor, reduction, gathered.world_size)
 
 
-def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature=1.0, normalize: bool = True,
+def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature: Scalar = 1.0, normalize: bool = True,
                 l2_reg: float = 0.0, reduction: str = "mean", backend: str = "auto",
-                gather_distributed: bool = False, process_group=None) -> Tensor:
+                gather_distributed: bool = False, process_group: Optional[ProcessGroup] = None) -> Tensor:
     """Multi-class N-pair loss (Sohn, NIPS 2016): per anchor, cross-entropy of its similarities to
     all positives with its own as target, plus l2_reg * (|a_i|^2 + |p_i|^2) on the raw embeddings.
 
@@ -247,9 +253,9 @@ def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature=1.0, normaliz
     return _reduce(per_anchor, reduction, world_size, global_anchors)
 
 
-def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar, logit_bias: Scalar, *,
                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                gather_distributed: bool = False, process_group=None) -> Tensor:
+                gather_distributed: bool = False, process_group: Optional[ProcessGroup] = None) -> Tensor:
     """SigLIP's pairwise sigmoid loss: sum_ij -logsigmoid(l_ij (scale u_i . v_j + bias)) with
     l_ii = 1 and l_ij = -1 otherwise, divided by N for "mean" (open_clip's SigLipLoss).
 

@@ -10,17 +10,20 @@ and the averaged gradients equal those of the loss on the global batch.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from fused_losses import _validation as check
 from fused_losses import functional
+from fused_losses._typing import ProcessGroup, Scalar
 
 
-def _check_constructor_options(normalize, reduction, backend, gather_distributed=False,
-                               process_group=None, temperature=None):
+def _check_constructor_options(normalize: bool, reduction: str, backend: str,
+                               gather_distributed: bool = False,
+                               process_group: Optional[ProcessGroup] = None,
+                               temperature: Optional[Scalar] = None) -> None:
     """Fail at construction, not at the first forward, on options that are wrong already."""
     functional.check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     if temperature is not None and not isinstance(temperature, Tensor):
@@ -45,15 +48,17 @@ class _LearnableLogitScale(nn.Module):
         return self.log_scale.clamp(max=self.max_log_scale).exp()
 
 
-def _scale_from(module: nn.Module, logit_scale: Optional[Tensor]):
+def _scale_from(module: Union[ClipLoss, SigLipLoss], logit_scale: Optional[Scalar]) -> Scalar:
     """The module's own learnable scale, or the one passed to forward (exactly one of the two)."""
     owned = module.learnable_logit_scale
-    if owned is not None and logit_scale is not None:
-        raise ValueError("logit_scale was passed to forward, but this loss learns its own "
-                         "(learn_logit_scale=True); pass one or the other")
-    if owned is None and logit_scale is None:
+    if owned is not None:
+        if logit_scale is not None:
+            raise ValueError("logit_scale was passed to forward, but this loss learns its own "
+                             "(learn_logit_scale=True); pass one or the other")
+        return owned()
+    if logit_scale is None:
         raise ValueError("forward needs logit_scale (or build the loss with learn_logit_scale=True)")
-    return owned() if owned is not None else logit_scale
+    return logit_scale
 
 
 class ClipLoss(nn.Module):
@@ -67,7 +72,7 @@ class ClipLoss(nn.Module):
     def __init__(self, *, learn_logit_scale: bool = False, init_logit_scale: float = 1 / 0.07,
                  max_logit_scale: float = 100.0, normalize: bool = True,
                  label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False, process_group=None):
+                 gather_distributed: bool = False, process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group)
         check.check_label_smoothing(label_smoothing)
@@ -78,7 +83,7 @@ class ClipLoss(nn.Module):
         self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, image_features: Tensor, text_features: Tensor,
-                logit_scale: Optional[Tensor] = None) -> Tensor:
+                logit_scale: Optional[Scalar] = None) -> Tensor:
         return functional.clip_loss(
             image_features, text_features, _scale_from(self, logit_scale), normalize=self.normalize,
             label_smoothing=self.label_smoothing, reduction=self.reduction, backend=self.backend,
@@ -96,7 +101,7 @@ class SigLipLoss(nn.Module):
     def __init__(self, *, learn_logit_scale: bool = False, init_logit_scale: float = 10.0,
                  init_logit_bias: float = -10.0, max_logit_scale: float = 100.0,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False, process_group=None):
+                 gather_distributed: bool = False, process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group)
         self.learnable_logit_scale = (
@@ -106,7 +111,7 @@ class SigLipLoss(nn.Module):
         self.gather_distributed, self.process_group = gather_distributed, process_group
 
     def forward(self, image_features: Tensor, text_features: Tensor,
-                logit_scale: Optional[Tensor] = None, logit_bias: Optional[Tensor] = None) -> Tensor:
+                logit_scale: Optional[Scalar] = None, logit_bias: Optional[Scalar] = None) -> Tensor:
         scale = _scale_from(self, logit_scale)
         if self.logit_bias is not None and logit_bias is not None:
             raise ValueError("logit_bias was passed to forward, but this loss learns its own")
@@ -126,9 +131,9 @@ class InfoNCELoss(nn.Module):
     temperature: a float, or a 0-d tensor / nn.Parameter to learn it.
     """
 
-    def __init__(self, temperature=0.07, *, label_smoothing: float = 0.0, normalize: bool = True,
+    def __init__(self, temperature: Scalar = 0.07, *, label_smoothing: float = 0.0, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
-                 process_group=None):
+                 process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
                                    temperature)
@@ -148,8 +153,9 @@ class InfoNCELoss(nn.Module):
 class NTXentLoss(nn.Module):
     """SimCLR's NT-Xent (``functional.nt_xent``); forward(z1, z2) with the two views' embeddings."""
 
-    def __init__(self, temperature=0.5, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", gather_distributed: bool = False, process_group=None):
+    def __init__(self, temperature: Scalar = 0.5, *, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", gather_distributed: bool = False,
+                 process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
                                    temperature)
@@ -167,8 +173,9 @@ class NTXentLoss(nn.Module):
 class SupConLoss(nn.Module):
     """Supervised contrastive loss (``functional.supcon_loss``); forward(features, labels)."""
 
-    def __init__(self, temperature=0.1, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", gather_distributed: bool = False, process_group=None):
+    def __init__(self, temperature: Scalar = 0.1, *, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", gather_distributed: bool = False,
+                 process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
                                    temperature)
@@ -186,9 +193,9 @@ class SupConLoss(nn.Module):
 class NPairsLoss(nn.Module):
     """Multi-class N-pair loss (``functional.npairs_loss``); forward(anchors, positives)."""
 
-    def __init__(self, *, temperature=1.0, normalize: bool = True, l2_reg: float = 0.0,
+    def __init__(self, *, temperature: Scalar = 1.0, normalize: bool = True, l2_reg: float = 0.0,
                  reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
-                 process_group=None):
+                 process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
                                    temperature)

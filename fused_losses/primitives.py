@@ -23,13 +23,14 @@ captures a model ending in any loss of the package without a graph break.
 
 # No "from __future__ import annotations": torch.library.custom_op reads the annotations as
 # types, and older torch releases cannot resolve them from strings.
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fused_losses import _validation as check
-from fused_losses.backends import get_kernels
+from fused_losses._typing import Scalar
+from fused_losses.backends import SimilarityKernels, get_kernels
 from fused_losses.backends.base import LABEL_MASK, LabelMask
 
 DEFAULT_EPS = 1e-12
@@ -41,7 +42,7 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def as_scalar_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+def as_scalar_tensor(value: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A float or a (differentiable) 1-element tensor as a 0-d tensor of ``dtype`` on ``device``."""
     if isinstance(value, Tensor):
         return value.reshape(()).to(dtype=dtype, device=device)
@@ -58,7 +59,8 @@ def _inverse_norms(x: Tensor, normalize: bool, eps: float, dtype: torch.dtype) -
     return _norms(x, dtype).clamp_min_(eps).reciprocal_()
 
 
-def _input_grad(x: Tensor, inv_norm: Tensor, grad_u: Tensor, normalize: bool, eps: float):
+def _input_grad(x: Tensor, inv_norm: Tensor, grad_u: Tensor, normalize: bool,
+                eps: float) -> Tuple[Tensor, Tensor]:
     """(dL/dx in x's dtype, sum_i u_i . U_i) from U = dL/du, where u = inv_norm * x.
 
     ``grad_u`` (a backend's fresh output) is updated in place: one (rows, D) temporary in all.
@@ -83,7 +85,7 @@ def _stats_or_empty(stats: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=statistics_dtype(like.dtype))
 
 
-def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float):
+def _both_inverse_norms(q: Tensor, k: Tensor, normalize: bool, eps: float) -> Tuple[Tensor, Tensor]:
     dtype = statistics_dtype(q.dtype)
     return _inverse_norms(q, normalize, eps, dtype), _inverse_norms(k, normalize, eps, dtype)
 
@@ -181,7 +183,8 @@ def _softplus_op(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, normalize: b
 
 
 @_softplus_op.register_fake
-def _(q, k, scale, bias, normalize, eps, diag_offset, backend, chunk_size):
+def _(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, normalize: bool, eps: float,
+      diag_offset: Optional[int], backend: str, chunk_size: Optional[int]) -> Tensor:
     return q.new_empty(q.shape[0], dtype=statistics_dtype(q.dtype))
 
 
@@ -196,19 +199,21 @@ def _softplus_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: 
 
 
 @_softplus_backward_op.register_fake
-def _(q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row, backend, chunk_size):
+def _(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor, bias: Tensor,
+      diag_offset: Optional[int], grad_row: Tensor, backend: str,
+      chunk_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     dtype = inv_norm_q.dtype
     return (q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype),
             bias.new_empty(()))
 
 
-def _softplus_setup_context(ctx, inputs, output):
+def _softplus_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     q, k, scale, bias, normalize, eps, diag_offset, backend, chunk_size = inputs
     ctx.save_for_backward(q, k, scale, bias)
     ctx.options = (normalize, eps, diag_offset, backend, chunk_size)
 
 
-def _softplus_backward(ctx, grad_row):
+def _softplus_backward(ctx: Any, grad_row: Tensor) -> Tuple[Optional[Tensor], ...]:
     q, k, scale, bias = ctx.saved_tensors
     normalize, eps, diag_offset, backend, chunk_size = ctx.options
     inv_norm_q, inv_norm_k = _both_inverse_norms(q, k, normalize, eps)
@@ -223,7 +228,8 @@ def _softplus_backward(ctx, grad_row):
 _softplus_op.register_autograd(_softplus_backward, setup_context=_softplus_setup_context)
 
 
-def _check_common(q, k, normalize, eps, diag_offset, backend, chunk_size) -> None:
+def _check_common(q: Tensor, k: Tensor, normalize: bool, eps: float, diag_offset: Optional[int], backend: str,
+                  chunk_size: Optional[int]) -> None:
     check.check_compatible("q", q, "k", k, same_rows=False)
     check.check_flag("normalize", normalize)
     check.check_eps(eps)
@@ -258,7 +264,7 @@ def _check_labels(q: Tensor, k: Tensor, row_labels, col_labels, same_label: str)
 
 
 def similarity_lse(
-    q: Tensor, k: Tensor, scale=1.0, *, rows: bool = True, cols: bool = False,
+    q: Tensor, k: Tensor, scale: Scalar = 1.0, *, rows: bool = True, cols: bool = False,
     normalize: bool = True, eps: float = DEFAULT_EPS, diag_offset: Optional[int] = None,
     row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None,
     same_label: str = "exclude", backend: str = "auto", chunk_size: Optional[int] = None,
@@ -289,7 +295,7 @@ def similarity_lse(
 
 
 def similarity_softplus(
-    q: Tensor, k: Tensor, scale=1.0, bias=0.0, *, normalize: bool = True,
+    q: Tensor, k: Tensor, scale: Scalar = 1.0, bias: Scalar = 0.0, *, normalize: bool = True,
     eps: float = DEFAULT_EPS, diag_offset: Optional[int] = None, backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> Tensor:
@@ -326,7 +332,8 @@ def lse_statistics(q, k, scale: Tensor, *, rows, cols, normalize, diag_offset=No
     return (lse_row if rows else None), (lse_col if cols else None)
 
 
-def softplus_statistics(q, k, scale: Tensor, bias: Tensor, *, normalize, diag_offset=None,
-                        eps=DEFAULT_EPS, backend="auto", chunk_size=None):
+def softplus_statistics(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, *, normalize: bool,
+                        diag_offset: Optional[int] = None, eps: float = DEFAULT_EPS, backend: str = "auto",
+                        chunk_size: Optional[int] = None) -> Tensor:
     """``similarity_softplus`` on checked arguments; ``scale``, ``bias``: 0-d statistics tensors."""
     return _softplus_op(q, k, scale, bias, normalize, float(eps), diag_offset, backend, chunk_size)

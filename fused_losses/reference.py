@@ -11,16 +11,22 @@ Shapes: N anchors / queries, M keys, D features. ``temperature``, ``logit_scale`
 ``reduction`` is "mean", "sum" or "none".
 """
 
+from typing import Optional, Union
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+# A float or a 0-d tensor (written out: this module imports nothing from the package).
+Scalar = Union[float, Tensor]
 
 
-def _embed(x, normalize):
+def _embed(x: Tensor, normalize: bool) -> Tensor:
     """x (rows, D) as used in the similarities: unit rows if ``normalize``, else as given."""
     return F.normalize(x, dim=-1, eps=1e-12) if normalize else x
 
 
-def _reduce(per_item, reduction):
+def _reduce(per_item: Tensor, reduction: str) -> Tensor:
     """Reduce per-item losses (K,) to their mean or sum, or return them unchanged for "none"."""
     if reduction == "mean":
         return per_item.mean()
@@ -31,13 +37,13 @@ def _reduce(per_item, reduction):
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _self_mask(n, device):
+def _self_mask(n: int, device: torch.device) -> Tensor:
     """(n, n) bool, True on the diagonal: the pairs of an embedding with itself."""
     return torch.eye(n, dtype=torch.bool, device=device)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, normalize=True, label_smoothing=0.0,
-              reduction="mean"):
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar, *, normalize: bool = True,
+              label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """Symmetric InfoNCE of CLIP.
 
     image_features, text_features: (N, D), pair i matches pair i. logit_scale: already
@@ -52,8 +58,8 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, lab
     return _reduce((per_image + per_text) / 2, reduction)
 
 
-def info_nce(query, keys, temperature=0.07, *, targets=None, label_smoothing=0.0, normalize=True,
-             reduction="mean"):
+def info_nce(query: Tensor, keys: Tensor, temperature: Scalar = 0.07, *, targets: Optional[Tensor] = None,
+             label_smoothing: float = 0.0, normalize: bool = True, reduction: str = "mean") -> Tensor:
     """One-way InfoNCE: cross entropy of the rows of u @ v.T / temperature.
 
     query: (N, D); keys: (M, D) with M >= N allowed (extra negatives); targets: (N,) key index of
@@ -66,7 +72,8 @@ def info_nce(query, keys, temperature=0.07, *, targets=None, label_smoothing=0.0
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction=reduction)
 
 
-def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean"):
+def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: bool = True,
+            reduction: str = "mean") -> Tensor:
     """SimCLR's NT-Xent over the 2N views Z = cat([z1, z2]).
 
     z1, z2: (N, D), two views of the same N samples. With S = u @ u.T / temperature over Z, view
@@ -80,7 +87,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean"):
     return _reduce(F.cross_entropy(logits, other_view, reduction="none"), reduction)
 
 
-def supcon_loss(features, labels, temperature=0.1, *, normalize=True, reduction="mean"):
+def supcon_loss(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,
+                reduction: str = "mean") -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, pytorch-metric-learning's SupConLoss).
 
     features: (N, D); labels: (N,) integer classes. With S = u @ u.T / temperature and
@@ -102,7 +110,8 @@ def supcon_loss(features, labels, temperature=0.1, *, normalize=True, reduction=
     return _reduce(per_anchor, reduction)
 
 
-def npairs_loss(anchors, positives, *, temperature=1.0, normalize=True, l2_reg=0.0, reduction="mean"):
+def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature: Scalar = 1.0, normalize: bool = True,
+                l2_reg: float = 0.0, reduction: str = "mean") -> Tensor:
     """Multi-class N-pair loss (Sohn 2016).
 
     anchors, positives: (N, D), anchor i matches positive i. Anchor i's loss is the cross entropy
@@ -116,7 +125,8 @@ def npairs_loss(anchors, positives, *, temperature=1.0, normalize=True, l2_reg=0
     return _reduce(F.cross_entropy(logits, targets, reduction="none") + l2_reg * squared_norms, reduction)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, normalize=True, reduction="mean"):
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar, logit_bias: Scalar, *,
+                normalize: bool = True, reduction: str = "mean") -> Tensor:
     """Sigmoid loss of SigLIP (Zhai et al. 2023).
 
     image_features, text_features: (N, D), pair i matches pair i. logits = logit_scale * u @ v.T +
@@ -130,7 +140,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, norma
     return _reduce(-F.logsigmoid(signs * logits).sum(dim=1), reduction)
 
 
-def cosine_embedding_loss(x1, x2, target, margin=0.0, reduction="mean"):
+def cosine_embedding_loss(x1: Tensor, x2: Tensor, target: Tensor, margin: float = 0.0,
+                          reduction: str = "mean") -> Tensor:
     """torch.nn.CosineEmbeddingLoss written out.
 
     x1, x2: (N, D); target: (N,) of +1 / -1. With

@@ -11,13 +11,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import fused_losses
 import fused_losses.backends as backends
 from fused_losses.backends.base import BackendUnavailable
-from fused_losses.backends.cuda import _extension, build, make_kernels, unavailable_reason
+from fused_losses.backends.cuda import _extension, build, compile_check, make_kernels, unavailable_reason
 
 HOST_TEST = build.CSRC / "host_tests" / "similarity_math_test.cpp"
 REQUIRE_EXTENSION = os.environ.get("FUSED_LOSSES_BUILD_CUDA") == "1"
@@ -56,35 +58,42 @@ EMULATION = build.CSRC / "host_tests" / "emulation"
 
 
 def _host_compiler_with_cxx20(tmp_path):
-    """g++ / c++ if it has what the emulation needs (C++20 <barrier>, _Float16), else None."""
+    """g++ / c++ if it has what the emulation needs (C++20, _Float16, x86-64 for the fibers), else None."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None
     probe = tmp_path / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n")
-    result = subprocess.run([compiler, "-std=c++20", "-pthread", str(probe), "-o", str(tmp_path / "probe")],
-                            capture_output=True)
+    probe.write_text("#if !defined(__x86_64__)\n#error fibers\n#endif\n"
+                     "#include <span>\nint main() { _Float16 h = 1; return int(h) - 1; }\n")
+    result = subprocess.run([compiler, "-std=c++20", str(probe), "-o", str(tmp_path / "probe")], capture_output=True)
     return compiler if result.returncode == 0 else None
 
 
 def test_kernels_on_cpu_emulation(tmp_path):
-    """forward.cu and backward.cu themselves, compiled for the CPU emulation of CUDA in
-    csrc/host_tests/emulation and run through the public entry points against a direct double
-    computation (csrc/host_tests/kernels_emulated_test.cpp)."""
+    """forward.cu and weights.cu themselves, compiled for the CPU emulation of CUDA in
+    csrc/host_tests/emulation (fibers per thread, the PTX primitives with per-lane semantics) and
+    run through the public entry points against a direct double computation, with the weights'
+    S checked bit for bit against the forward's (csrc/host_tests/kernels_emulated_test.cpp)."""
     compiler = _host_compiler_with_cxx20(tmp_path)
     if compiler is None:
-        pytest.skip("no host compiler with C++20 <barrier> and _Float16")
-    sources = []
-    for name in ("forward.cu", "backward.cu"):
+        pytest.skip("no host compiler with C++20 and _Float16")
+    sources = [build.CSRC / "host_tests" / "kernels_emulated_test.cpp", EMULATION / "cuda_emulation.cpp"]
+    for name in ("forward.cu", "weights.cu"):
         text, launches = KERNEL_LAUNCH.subn(
             lambda m: f"::emulation::Launcher({m.group(2)}).run({m.group(1)}, ", (build.CSRC / name).read_text())
-        assert launches >= 3, f"no kernel launches found in {name}"
+        assert launches >= 2, f"no kernel launches found in {name}"
         sources.append(tmp_path / f"{name}.cpp")
         sources[-1].write_text(f'#line 1 "{build.CSRC / name}"\n' + text)
+    flags = ["-std=c++20", "-O1", "-Wno-unknown-pragmas", "-DFUSED_LOSSES_HOST_EMULATION", f"-I{EMULATION}",
+             f"-I{build.CSRC}"]
+    objects = [tmp_path / f"{source.name}.o" for source in sources]
+    compiles = [subprocess.Popen([compiler, *flags, "-c", str(source), "-o", str(obj)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for source, obj in zip(sources, objects)]
+    for compiled in compiles:
+        output = compiled.communicate()[0]
+        assert compiled.returncode == 0, f"compile error:\n{output}"
     binary = tmp_path / "kernels_emulated_test"
-    _compile_and_run([compiler, "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", f"-I{EMULATION}",
-                      f"-I{build.CSRC}", *map(str, sources), str(build.CSRC / "host_tests" / "kernels_emulated_test.cpp"),
-                      "-o", str(binary)], binary)
+    _compile_and_run([compiler, *map(str, objects), "-o", str(binary)], binary)
 
 
 # -- build script ------------------------------------------------------------------------------
@@ -141,7 +150,7 @@ def test_setup_py_runs_without_the_extension():
     result = subprocess.run([sys.executable, str(setup_py), "--version"], cwd=build.REPO_ROOT, capture_output=True,
                             text=True, env={**os.environ, "FUSED_LOSSES_BUILD_CUDA": "0"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("0.1.0")
+    assert result.stdout.strip().endswith(fused_losses.__version__)  # the version pyproject.toml reads
 
 
 # -- the compiled extension, on the CPU --------------------------------------------------------
@@ -179,16 +188,39 @@ def test_workspace_sizes_are_bounded(ext):
     n, m, d = 65536, 65536, 512
     problem, launch = _problem(ext, n, m, d), _launch(ext, 256 << 20)
     forward = ext.lse_forward_workspace_bytes(problem, True, True, launch)
-    backward = ext.lse_backward_workspace_bytes(problem, launch)
-    assert forward <= (256 << 20) + 64 * n * 8 + 2 * m * 8 + 4096  # partials under the cap, O(N + M) rest
-    assert (256 << 20) - 64 * m * 4 < backward <= (256 << 20) + 4096  # a 1024-row chunk of fp32 weights
-    assert ext.softplus_backward_workspace_bytes(problem, launch) >= backward
-    assert ext.lse_forward_workspace_bytes(problem, False, True, launch) < forward
+    splits = 132 * ext.tile["max_ctas_per_sm"]
+    assert forward <= (256 << 20) + splits * n * 8 + 2 * m * 8 + 4096  # partials under the cap, O(N + M) rest
+    assert ext.lse_forward_workspace_bytes(problem, True, False, launch) < forward
+    # the sigmoid weights keep one float per CTA of the chunk
+    sums = ext.softplus_weights_workspace_bytes(problem=problem, row_start=0, row_stop=4096, launch=launch)
+    assert 0 < sums <= 4 * 32 * 512 + 256
+
+
+def test_extension_reports_its_tile(ext):
+    tile = ext.tile
+    assert (tile["rows"], tile["cols"], tile["threads"], tile["stages"]) == (128, 128, 256, 3)
+    assert tile["dynamic_shared_bytes"] == tile["stages"] * 256 * tile["stage_row_bytes"] + 128
+    assert tile["max_row_stride_bytes"] == 1 << 25
 
 
 def test_problem_rejects_empty_sizes(ext):
     with pytest.raises(ValueError, match="n > 0"):
         _problem(ext, n=0)
+
+
+@pytest.mark.parametrize("stride", [63, (1 << 24) + 1])
+def test_problem_rejects_row_strides(ext, stride):
+    with pytest.raises(ValueError, match="row strides"):
+        _problem(ext, d=64, k_row_stride=stride)
+
+
+@pytest.mark.parametrize("rows, stride, match", [((0, 1001), 70000, "row_stop"), ((5, 5), 70000, "row_start"),
+                                                 ((0, 10), 69999, "out_row_stride")])
+def test_weights_chunk_is_checked(ext, rows, stride, match):
+    problem, launch = _problem(ext), _launch(ext)
+    with pytest.raises(ValueError, match=match):
+        ext.lse_weights(problem=problem, lse_row=256, lse_col=0, grad_row=256, grad_col=0, row_start=rows[0],
+                        row_stop=rows[1], out=512, out_row_stride=stride, row_scale=256, col_scale=256, launch=launch)
 
 
 def test_launch_without_gpu_raises_cleanly(ext):
@@ -207,6 +239,33 @@ def test_launch_checks_workspace_size(ext):
         ext.softplus_forward(problem=problem, bias=256, sp_row=256, workspace=512, workspace_bytes=16, launch=launch)
 
 
+def test_compile_check_sm90(ext):
+    """What ptxas made of every kernel for sm_90, read from the build's objects (about 3 s): no
+    spills, the tile kernels at their designed occupancy and stage shape (4 steps of 32 bytes of
+    depth per stage: 24 ldmatrix.x4 and 64 MMAs per warp, three times the MMAs for split TF32)."""
+    cuobjdump = compile_check.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton)")
+    if 90 not in build.parse_archs(ext.cuda_archs):
+        pytest.skip(f"the extension is built for sm {ext.cuda_archs}, without sm_90")
+    stale = compile_check.stale_objects_reason()
+    if stale:
+        pytest.fail(stale) if REQUIRE_EXTENSION else pytest.skip(stale)
+    reports = compile_check.kernel_reports(compile_check.build_objects(), 90, cuobjdump)
+    tile = ext.tile
+    for report in reports:
+        print(compile_check.format_report(report, 90, tile["threads"], tile["dynamic_shared_bytes"]))
+    assert not [r.label for r in reports if r.spills]
+    tile_kernels = [r for r in reports if r.stage is not None]
+    assert len(tile_kernels) == 20  # forward: 4 configs x (lse, lse + columns, softplus); weights: 4 x 2
+    for report in tile_kernels:
+        ctas = compile_check.ctas_per_sm(90, report.registers, tile["threads"],
+                                         report.shared_bytes + tile["dynamic_shared_bytes"])
+        assert ctas >= 1 if "fp32" in report.label else ctas == 2, report.label
+        split = "split-tf32" in report.label
+        assert (report.stage.hmma, report.stage.ldsm) == (192 if split else 64, 24), report.label
+
+
 # -- the backend's Python side -----------------------------------------------------------------
 
 
@@ -222,6 +281,18 @@ def test_unavailable_without_gpu():
     assert "CUDA" in reason
     with pytest.raises(BackendUnavailable):
         backends.select_backend("cuda", torch.device("cuda"))
+
+
+def test_unavailable_with_too_little_shared_memory(monkeypatch):
+    """sm_86 / sm_89 GPUs run the sm_80 code but have 99 KiB of shared memory a block."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    properties = SimpleNamespace(shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    assert "99 KiB" in unavailable_reason(torch.device("cuda"))
+    properties.shared_memory_per_block_optin = 227 * 1024
+    assert "shared memory" not in (unavailable_reason(torch.device("cuda")) or "")
 
 
 def test_make_kernels_options():

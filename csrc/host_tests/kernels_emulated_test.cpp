@@ -1,12 +1,17 @@
-// The kernels of csrc/forward.cu and csrc/backward.cu, run through the public entry points of
+// The kernels of csrc/forward.cu and csrc/weights.cu, run through the public entry points of
 // similarity_kernels.h on the CPU CUDA emulation (emulation/), against a direct double
-// computation of the contract. Checks indexing, tile edges, masks, strides, chunking and the
-// launch sequences; not the hardware (real WMMA, memory model, speed). Built and run by
-// tests/test_cuda_host.py; prints one line per failure and exits non-zero if there was any.
+// computation of the contract; and the S behind the weights compared bit for bit with the S
+// behind the forward statistics. Checks indexing, fragment layouts, swizzles, tile edges, masks,
+// strides, column splits, chunks and the launch sequences; not the hardware (timing, memory
+// model, speed). Built and run by tests/test_cuda_host.py; prints one line per failure and exits
+// non-zero if there was any.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_bf16.h"
@@ -26,17 +31,27 @@ struct Case {
   int64_t n, m, d, row_padding;  // rows of q and k are d + row_padding elements apart
   bool has_mask;
   int64_t offset;
-  int num_sms;
+  int num_sms, ctas_per_sm;
   size_t workspace_limit;
+  int64_t row_start, row_stop, out_padding;  // the weights chunk; out rows are m + out_padding apart
 };
 
 std::string describe(const Case& c) {
   return "dtype " + std::to_string(static_cast<int>(c.dtype)) + (c.single_pass_tf32 ? " tf32" : "") + " " +
          std::to_string(c.n) + "x" + std::to_string(c.m) + "x" + std::to_string(c.d) + " pad " +
          std::to_string(c.row_padding) + " mask " + (c.has_mask ? std::to_string(c.offset) : "none") + " sms " +
-         std::to_string(c.num_sms) + " limit " + std::to_string(c.workspace_limit);
+         std::to_string(c.num_sms) + "x" + std::to_string(c.ctas_per_sm) + " limit " +
+         std::to_string(c.workspace_limit) + " rows " + std::to_string(c.row_start) + ".." +
+         std::to_string(c.row_stop);
 }
 
+void fail(const std::string& message) {
+  ++failures;
+  std::printf("FAIL %s\n", message.c_str());
+}
+
+// max |got - want| <= tolerance * scale, scale = max(1, max |want|) when relative; infinities and
+// NaN must match exactly.
 void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<double>& want,
                   double tolerance, bool relative) {
   double scale = 1.0;
@@ -47,8 +62,8 @@ void expect_close(const std::string& what, const std::vector<float>& got, const 
   for (size_t t = 0; t < want.size(); ++t) {
     if (std::isinf(want[t]) || !std::isfinite(got[t])) {
       if (static_cast<double>(got[t]) != want[t]) {
-        ++failures;
-        std::printf("FAIL %s [%zu]: got %g, want %g\n", what.c_str(), t, got[t], want[t]);
+        fail(what + " [" + std::to_string(t) + "]: got " + std::to_string(got[t]) + ", want " +
+             std::to_string(want[t]));
         return;
       }
       continue;
@@ -56,12 +71,29 @@ void expect_close(const std::string& what, const std::vector<float>& got, const 
     worst = std::fmax(worst, std::fabs(got[t] - want[t]));
   }
   if (worst > tolerance * scale) {
-    ++failures;
-    std::printf("FAIL %s: max error %.3g > %.3g\n", what.c_str(), worst, tolerance * scale);
+    fail(what + ": max error " + std::to_string(worst) + " > " + std::to_string(tolerance * scale));
   }
 }
 
-// Inputs in the case's dtype (with row padding), and the same values as doubles.
+// Values of one element type: float, or the 16-bit types through their bits.
+template <class T>
+float to_float(uint16_t bits) {
+  T value;
+  std::memcpy(&value, &bits, sizeof(bits));
+  return static_cast<float>(value);
+}
+
+template <class T>
+uint16_t to_bits(float x) {
+  const T value(x);
+  uint16_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+uint16_t nan_bits(DType dtype) { return dtype == DType::kFloat16 ? 0x7e00 : 0x7fc0; }
+
+// Inputs in the case's dtype (with row padding, NaN there), and the same values as doubles.
 struct Operand {
   std::vector<uint16_t> half_bits;
   std::vector<float> floats;
@@ -76,7 +108,7 @@ Operand make_operand(const Case& c, int64_t rows, std::mt19937& rng, const Opera
   Operand op;
   op.values.resize(rows * c.d);
   op.floats.assign(std::max<int64_t>(rows * stride, 1), NAN);
-  op.half_bits.assign(std::max<int64_t>(rows * stride, 1), 0x7e00);  // NaN in the padding
+  op.half_bits.assign(std::max<int64_t>(rows * stride, 1), nan_bits(c.dtype));
   std::normal_distribution<float> normal;
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t t = 0; t < c.d; ++t) {
@@ -87,14 +119,10 @@ Operand make_operand(const Case& c, int64_t rows, std::mt19937& rng, const Opera
       if (c.dtype == DType::kFloat32) {
         op.floats[i * stride + t] = x;
         op.values[i * c.d + t] = x;
-      } else if (c.dtype == DType::kFloat16) {
-        const __half h(x);
-        op.half_bits[i * stride + t] = h.bits;
-        op.values[i * c.d + t] = static_cast<float>(h);
       } else {
-        const __nv_bfloat16 h(x);
-        op.half_bits[i * stride + t] = h.bits;
-        op.values[i * c.d + t] = static_cast<float>(h);
+        const uint16_t bits = c.dtype == DType::kFloat16 ? to_bits<__half>(x) : to_bits<__nv_bfloat16>(x);
+        op.half_bits[i * stride + t] = bits;
+        op.values[i * c.d + t] = c.dtype == DType::kFloat16 ? to_float<__half>(bits) : to_float<__nv_bfloat16>(bits);
       }
     }
   }
@@ -111,8 +139,23 @@ std::vector<float> inverse_norms(const Operand& op, int64_t rows, int64_t d) {
   return inv;
 }
 
+std::vector<unsigned char> poisoned_workspace(size_t bytes) {
+  return std::vector<unsigned char>(std::max<size_t>(bytes, 1), 0xff);
+}
+
+// Every entry of S a kernel computed, as bits of S in log2 units, and how often.
+std::map<std::pair<int64_t, int64_t>, std::pair<uint32_t, int>>* observed = nullptr;
+
+void record_similarity(int64_t row, int64_t col, float s2) {
+  uint32_t bits;
+  std::memcpy(&bits, &s2, sizeof(bits));
+  auto& entry = (*observed)[{row, col}];
+  entry = {bits, entry.second + 1};
+}
+
 void run_case(const Case& c, std::mt19937& rng) {
   const std::string name = describe(c);
+  emulation::ctas_per_sm = c.ctas_per_sm;
   const Operand q = make_operand(c, c.n, rng, nullptr);
   const Operand k = make_operand(c, c.m, rng, &q);
   const std::vector<float> inv_q = inverse_norms(q, c.n, c.d), inv_k = inverse_norms(k, c.m, c.d);
@@ -124,19 +167,17 @@ void run_case(const Case& c, std::mt19937& rng) {
   // Single-pass TF32 errs by ~1e-3 relative in S, hence by ~scale * 1e-3 in exp(S) and what follows.
   const bool tf32 = c.dtype == DType::kFloat32 && c.single_pass_tf32;
   const double lse_tol = tf32 ? 3e-2 : 2e-4, softplus_tol = tf32 ? 3e-2 : 1e-4;
-  const double product_tol = tf32 ? 5e-2 : c.dtype != DType::kFloat32 ? 3e-3 : 1e-5;
+  // W~ is stored in the input dtype for 16-bit inputs: relative rounding 2^-9 (bf16), 2^-12 (fp16).
+  const double weights_rel =
+      tf32 ? 5e-2 : c.dtype == DType::kBFloat16 ? 4e-3 : c.dtype == DType::kFloat16 ? 5e-4 : 1e-4;
 
-  // Direct S, u and v in double.
-  std::vector<double> s(c.n * c.m), u(c.n * c.d), v(c.m * c.d);
-  for (int64_t i = 0; i < c.n; ++i)
-    for (int64_t t = 0; t < c.d; ++t) u[i * c.d + t] = q.values[i * c.d + t] * inv_q[i];
-  for (int64_t j = 0; j < c.m; ++j)
-    for (int64_t t = 0; t < c.d; ++t) v[j * c.d + t] = k.values[j * c.d + t] * inv_k[j];
+  // Direct S in double.
+  std::vector<double> s(c.n * c.m);
   for (int64_t i = 0; i < c.n; ++i) {
     for (int64_t j = 0; j < c.m; ++j) {
       double dot = 0;
-      for (int64_t t = 0; t < c.d; ++t) dot += u[i * c.d + t] * v[j * c.d + t];
-      s[i * c.m + j] = c.has_mask && j - i == c.offset ? -kInf : scale * dot;
+      for (int64_t t = 0; t < c.d; ++t) dot += q.values[i * c.d + t] * k.values[j * c.d + t];
+      s[i * c.m + j] = c.has_mask && j - i == c.offset ? -kInf : scale * dot * inv_q[i] * inv_k[j];
     }
   }
   auto lse_of = [&](bool rows, int64_t index) {
@@ -153,66 +194,138 @@ void run_case(const Case& c, std::mt19937& rng) {
   for (int64_t i = 0; i < c.n; ++i)
     for (int64_t j = 0; j < c.m; ++j) sp_row[i] += std::log1p(std::exp(s[i * c.m + j] + bias));
 
-  // Forward, with the poisoned outputs and workspace every kernel must overwrite.
-  auto workspace_for = [](size_t bytes) { return std::vector<unsigned char>(bytes, 0xff); };
+  // Forward, with poisoned outputs and workspace; the S of both directions recorded.
+  std::map<std::pair<int64_t, int64_t>, std::pair<uint32_t, int>> forward_s, weights_s;
   std::vector<float> got_row(c.n, NAN), got_col(c.m, NAN);
-  std::vector<unsigned char> ws = workspace_for(lse_forward_workspace_bytes(problem, true, true, config));
-  lse_forward(problem, got_row.data(), got_col.data(), ws.data(), config);
+  std::vector<unsigned char> ws = poisoned_workspace(lse_forward_workspace_bytes(problem, true, true, config));
+  observed = &forward_s;
+  emulation::observe_similarity = record_similarity;
+  if (lse_forward(problem, got_row.data(), got_col.data(), ws.data(), config) != cudaSuccess) {
+    fail(name + " lse_forward");
+  }
+  emulation::observe_similarity = nullptr;
   expect_close(name + " lse_row", got_row, lse_row, lse_tol, false);
   expect_close(name + " lse_col", got_col, lse_col, lse_tol, false);
-  std::vector<float> cols_only(c.m, NAN);
-  ws = workspace_for(lse_forward_workspace_bytes(problem, false, true, config));
+  // Every entry of the matrix once (the column splits and row blocks cover it exactly).
+  int64_t inside = 0;
+  for (const auto& [entry, value] : forward_s) {
+    if (entry.first >= c.n || entry.second >= c.m) continue;
+    ++inside;
+    if (value.second != 1) {
+      fail(name + " forward: entry computed " + std::to_string(value.second) + " times");
+      break;
+    }
+  }
+  if (inside != c.n * c.m) fail(name + " forward: not every entry of S computed");
+  std::vector<float> rows_only(c.n, NAN), cols_only(c.m, NAN);
+  ws = poisoned_workspace(lse_forward_workspace_bytes(problem, true, false, config));
+  lse_forward(problem, rows_only.data(), nullptr, ws.data(), config);
+  expect_close(name + " lse_row alone", rows_only, lse_row, lse_tol, false);
+  ws = poisoned_workspace(lse_forward_workspace_bytes(problem, false, true, config));
   lse_forward(problem, nullptr, cols_only.data(), ws.data(), config);
   expect_close(name + " lse_col alone", cols_only, lse_col, lse_tol, false);
   std::vector<float> got_sp(c.n, NAN);
-  ws = workspace_for(softplus_forward_workspace_bytes(problem, config));
+  ws = poisoned_workspace(softplus_forward_workspace_bytes(problem, config));
   softplus_forward(problem, &bias, got_sp.data(), ws.data(), config);
   expect_close(name + " softplus", got_sp, sp_row, softplus_tol, true);
 
-  // Backward: both directions of the softmax, then the sigmoid.
+  // Weights of the chunk: W~ = row_scale_i col_scale_j W_ij, every out entry of the chunk
+  // written, the padding of out left alone.
   std::normal_distribution<float> normal;
   std::vector<float> grad_row(c.n), grad_col(c.m), lse_row_f(c.n), lse_col_f(c.m);
   for (auto& g : grad_row) g = normal(rng);
   for (auto& g : grad_col) g = normal(rng);
   for (int64_t i = 0; i < c.n; ++i) lse_row_f[i] = static_cast<float>(lse_row[i]);
   for (int64_t j = 0; j < c.m; ++j) lse_col_f[j] = static_cast<float>(lse_col[j]);
-  auto check_products = [&](const std::string& what, auto weight, const std::vector<float>& got_u,
-                            const std::vector<float>& got_v) {
-    std::vector<double> want_u(c.n * c.d, 0.0), want_v(c.m * c.d, 0.0);
-    for (int64_t i = 0; i < c.n; ++i) {
-      for (int64_t j = 0; j < c.m; ++j) {
-        const double w = scale * weight(i, j);
-        for (int64_t t = 0; t < c.d; ++t) {
-          want_u[i * c.d + t] += w * v[j * c.d + t];
-          want_v[j * c.d + t] += w * u[i * c.d + t];
+  const int64_t rows = c.row_stop - c.row_start, ld = c.m + c.out_padding;
+  std::vector<float> row_scale(rows), col_scale(c.m);
+  for (int64_t r = 0; r < rows; ++r) {
+    row_scale[r] = 64.f * inv_q[c.row_start + r] * (1.f + 0.01f * static_cast<float>(r % 7));
+  }
+  for (int64_t j = 0; j < c.m; ++j) col_scale[j] = inv_k[j] * (1.f + 0.02f * static_cast<float>(j % 5));
+  auto run_weights = [&](const std::string& what, auto launch, auto weight) {
+    const bool fp32 = c.dtype == DType::kFloat32;
+    std::vector<float> out_floats(fp32 ? rows * ld : 0, NAN);
+    std::vector<uint16_t> out_bits(fp32 ? 0 : rows * ld, nan_bits(c.dtype));
+    const WeightsChunk chunk{c.row_start,
+                             c.row_stop,
+                             fp32 ? static_cast<void*>(out_floats.data()) : static_cast<void*>(out_bits.data()),
+                             ld,
+                             row_scale.data(),
+                             col_scale.data()};
+    if (launch(chunk) != cudaSuccess) fail(name + " " + what + ": launch failed");
+    std::vector<float> got;
+    std::vector<double> want;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < ld; ++j) {
+        const float value = fp32 ? out_floats[r * ld + j]
+                                 : (c.dtype == DType::kFloat16 ? to_float<__half>(out_bits[r * ld + j])
+                                                                : to_float<__nv_bfloat16>(out_bits[r * ld + j]));
+        if (j >= c.m) {
+          if (!std::isnan(value)) fail(name + " " + what + ": padding of out written");
+          continue;
         }
+        const int64_t i = c.row_start + r;
+        const double w = s[i * c.m + j] == -kInf ? 0.0 : double{row_scale[r]} * col_scale[j] * weight(i, j);
+        if (s[i * c.m + j] == -kInf && value != 0.f) fail(name + " " + what + ": masked entry not 0");
+        got.push_back(value);
+        want.push_back(w);
       }
     }
-    expect_close(name + " " + what + " U", got_u, want_u, product_tol, true);
-    expect_close(name + " " + what + " V", got_v, want_v, product_tol, true);
+    double scale = 0;
+    for (double w : want) scale = std::fmax(scale, std::fabs(w));
+    double worst = 0;
+    for (size_t t = 0; t < want.size(); ++t) {
+      if (!std::isfinite(got[t])) {
+        fail(name + " " + what + ": non-finite W~");
+        return;
+      }
+      worst = std::fmax(worst, std::fabs(got[t] - want[t]) / (std::fabs(want[t]) + 1e-3 * scale));
+    }
+    if (worst > weights_rel) fail(name + " " + what + ": max relative error " + std::to_string(worst));
   };
-  auto share = [&](int64_t i, int64_t j, double lse) {
-    return s[i * c.m + j] == -kInf ? 0.0 : std::exp(s[i * c.m + j] - lse);
-  };
+  auto share = [&](int64_t i, int64_t j, double lse) { return std::exp(s[i * c.m + j] - lse); };
   for (int directions = 1; directions <= 3; ++directions) {
-    const bool rows = directions & 1, cols = directions & 2;
-    std::vector<float> got_u(c.n * c.d, NAN), got_v(c.m * c.d, NAN);
-    ws = workspace_for(lse_backward_workspace_bytes(problem, config));
-    lse_backward(problem, lse_row_f.data(), lse_col_f.data(), rows ? grad_row.data() : nullptr,
-                 cols ? grad_col.data() : nullptr, got_u.data(), got_v.data(), ws.data(), config);
-    check_products("lse" + std::to_string(directions), [&](int64_t i, int64_t j) {
-      return (rows ? grad_row[i] * share(i, j, lse_row_f[i]) : 0.0) + (cols ? grad_col[j] * share(i, j, lse_col_f[j]) : 0.0);
-    }, got_u, got_v);
+    const bool with_rows = directions & 1, with_cols = directions & 2;
+    observed = &weights_s;
+    emulation::observe_similarity = directions == 3 ? record_similarity : nullptr;
+    run_weights(
+        "lse weights " + std::to_string(directions),
+        [&](const WeightsChunk& chunk) {
+          return lse_weights(problem, lse_row_f.data(), lse_col_f.data(), with_rows ? grad_row.data() : nullptr,
+                             with_cols ? grad_col.data() : nullptr, chunk, config);
+        },
+        [&](int64_t i, int64_t j) {
+          return (with_rows ? grad_row[i] * share(i, j, lse_row_f[i]) : 0.0) +
+                 (with_cols ? grad_col[j] * share(i, j, lse_col_f[j]) : 0.0);
+        });
+    emulation::observe_similarity = nullptr;
   }
-  std::vector<float> got_u(c.n * c.d, NAN), got_v(c.m * c.d, NAN), got_bias(1, NAN);
-  ws = workspace_for(softplus_backward_workspace_bytes(problem, config));
-  softplus_backward(problem, &bias, grad_row.data(), got_u.data(), got_v.data(), got_bias.data(), ws.data(), config);
-  auto sigmoid_weight = [&](int64_t i, int64_t j) { return grad_row[i] / (1.0 + std::exp(-(s[i * c.m + j] + bias))); };
-  check_products("softplus", sigmoid_weight, got_u, got_v);
-  double want_bias = 0;
-  for (int64_t i = 0; i < c.n; ++i)
-    for (int64_t j = 0; j < c.m; ++j) want_bias += sigmoid_weight(i, j);
-  expect_close(name + " grad_bias", got_bias, {want_bias}, product_tol, true);
+  // The weights' S is the forward's, bit for bit, for every entry of the chunk.
+  for (int64_t i = c.row_start; i < c.row_stop; ++i) {
+    for (int64_t j = 0; j < c.m; ++j) {
+      const auto found = weights_s.find({i, j});
+      if (found == weights_s.end() || found->second.first != forward_s[{i, j}].first) {
+        fail(name + " weights: S differs from the forward's at (" + std::to_string(i) + ", " + std::to_string(j) + ")");
+        i = c.row_stop;
+        break;
+      }
+    }
+  }
+
+  auto sigmoid = [&](int64_t i, int64_t j) { return 1.0 / (1.0 + std::exp(-(s[i * c.m + j] + bias))); };
+  float weight_sum = NAN;
+  run_weights(
+      "sigmoid weights",
+      [&](const WeightsChunk& chunk) {
+        std::vector<unsigned char> sums = poisoned_workspace(softplus_weights_workspace_bytes(problem, chunk, config));
+        return softplus_weights(problem, &bias, grad_row.data(), chunk, &weight_sum, sums.data(), config);
+      },
+      [&](int64_t i, int64_t j) { return grad_row[i] * sigmoid(i, j); });
+  double want_sum = 0;
+  for (int64_t i = c.row_start; i < c.row_stop; ++i)
+    for (int64_t j = 0; j < c.m; ++j) want_sum += s[i * c.m + j] == -kInf ? 0.0 : grad_row[i] * sigmoid(i, j);
+  expect_close(name + " weight sum", {weight_sum}, {want_sum}, tf32 ? 3e-2 : 1e-5, true);
 }
 
 }  // namespace
@@ -221,14 +334,15 @@ int main() {
   std::mt19937 rng(7);
   const size_t kDefault = size_t{256} << 20;
   const Case cases[] = {
-      {DType::kFloat16, false, 130, 70, 37, 0, true, 0, 132, kDefault},      // ragged tiles, odd D
-      {DType::kBFloat16, false, 65, 200, 64, 0, true, -3, 2, kDefault},      // columns split across CTAs
-      {DType::kFloat32, false, 150, 97, 40, 0, true, 2, 1, 1},               // 64-row chunks, 1 row block a launch
-      {DType::kFloat32, true, 70, 66, 33, 0, false, 0, 4, kDefault},         // single-pass TF32
-      {DType::kBFloat16, false, 129, 65, 72, 5, true, 1, 3, 1},              // padded rows: no 16-byte loads
-      {DType::kFloat16, false, 64, 64, 96, 8, true, 70, 132, kDefault},      // mask outside the matrix
-      {DType::kFloat16, false, 3, 1, 16, 0, true, 0, 132, kDefault},         // row 0 entirely masked
-      {DType::kBFloat16, false, 40, 30, 0, 0, true, 0, 132, kDefault},       // D = 0
+      // dtype, tf32, n, m, d, pad, mask, offset, sms, ctas/SM, limit, row_start, row_stop, out padding
+      {DType::kFloat16, false, 131, 70, 37, 0, true, 0, 132, 2, kDefault, 0, 131, 0},     // ragged tiles, odd D
+      {DType::kBFloat16, false, 67, 389, 72, 0, true, -3, 3, 1, kDefault, 5, 61, 3},      // 4 column tiles over 3 CTAs
+      {DType::kBFloat16, false, 263, 131, 200, 8, true, 1, 1, 1, 1, 130, 263, 1},        // a launch per row block
+      {DType::kFloat32, false, 150, 97, 40, 0, true, 2, 3, 1, kDefault, 17, 150, 2},     // split TF32
+      {DType::kFloat32, true, 70, 131, 33, 0, false, 0, 4, 2, kDefault, 0, 70, 0},       // single-pass TF32
+      {DType::kFloat16, false, 129, 65, 72, 5, true, 70, 3, 2, kDefault, 1, 128, 0},     // unaligned rows, mask outside
+      {DType::kBFloat16, false, 3, 1, 16, 0, true, 0, 132, 2, kDefault, 0, 3, 1},        // row 0 entirely masked
+      {DType::kBFloat16, false, 40, 30, 0, 0, true, 0, 132, 2, kDefault, 11, 29, 0},     // D = 0
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("%zu cases, %d failures\n", sizeof(cases) / sizeof(cases[0]), failures);

@@ -19,7 +19,8 @@ CUDA extension or queries a GPU.
 from __future__ import annotations
 
 import importlib
-from typing import AbstractSet, Dict, List, Optional
+from types import ModuleType
+from typing import AbstractSet, Any, Dict, List, Optional, Union
 
 import torch
 
@@ -40,11 +41,11 @@ _MODULES = {
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 
 
-def _module(name: str):
+def _module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 
-def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+def unavailable_reason(name: str, device: Union[torch.device, str, None] = None) -> Optional[str]:
     """None if backend ``name`` can run on ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,12 +56,12 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
     return module.unavailable_reason(torch.device(device))
 
 
-def backend_status(device: Optional[torch.device] = None) -> Dict[str, Optional[str]]:
+def backend_status(device: Union[torch.device, str, None] = None) -> Dict[str, Optional[str]]:
     """For every backend: None when it can run on ``device``, else the reason it cannot."""
     return {name: unavailable_reason(name, device) for name in BACKENDS}
 
 
-def available_backends(device: Optional[torch.device] = None) -> List[str]:
+def available_backends(device: Union[torch.device, str, None] = None) -> List[str]:
     """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
     return [name for name, reason in backend_status(device).items() if reason is None]
 

@@ -4,6 +4,7 @@
 import argparse
 from typing import List, Optional
 
+from fused_losses import __version__
 from fused_losses.backends import BACKENDS, available_backends
 from fused_losses.benchmarking import DTYPES, LOSSES, MODES
 from fused_losses.cli.bench import quick_benchmark, run_bench, summarize
@@ -13,6 +14,7 @@ from fused_losses.cli.selfcheck import run_selfcheck
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fused_losses", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fused_losses {__version__}")
     parser.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")
     commands = parser.add_subparsers(dest="command")
     bench = commands.add_parser("bench", help="measure losses x batch sizes x dims x providers")

@@ -1,6 +1,7 @@
 """Benchmarks from the command line: the quick CLIP comparison of the main job, and ``bench``."""
 
-from typing import List
+import math
+from typing import List, Optional
 
 import torch
 
@@ -13,27 +14,63 @@ def _mib(nbytes) -> str:
 
 
 def quick_benchmark(backend: str, device: torch.device) -> str:
-    """CLIP loss forward+backward: ``backend`` against the reference, with the matmul floor."""
+    """CLIP loss forward+backward: ``backend`` against the reference, with the matmul floor, the
+    memory ratio and the largest batch the free memory would allow each (an estimate)."""
     on_gpu = device.type == "cuda"
-    n, d, dtype = (16384, 512, "bfloat16") if on_gpu else (4096, 512, "float32")
+    # CPU: large enough for the N x N logits to dominate the reference, small enough to finish
+    # in about half a minute on 2 cores.
+    n, d, dtype = (16384, 512, "bfloat16") if on_gpu else (8192, 512, "float32")
     sweep = Sweep(("clip",), (n,), (d,), (dtype,), (backend, "reference"), str(device),
-                  modes=("forward_backward",), repeats=3)
+                  modes=("forward_backward",), repeats=2)
     with ProgressBar(sweep.size(), "benchmark ") as bar:
         results = {record["provider"]: record for record in run_sweep(sweep, bar.advance)}
     matmul = results[backend]["matmul_ms"]
+    free = free_memory_bytes(device)
     lines = [f"CLIP loss forward+backward, N = M = {n}, D = {d}, {dtype} on {device}; "
              f"one {n}x{d}x{n} matmul: {matmul:.1f} ms"]
     for provider, record in results.items():
         if record["median_ms"] is None:
             lines.append(f"  {provider:<9} {_outcome(record)}")
             continue
+        estimate = largest_batch_estimate(record["peak_mem_bytes"], n, free,
+                                          quadratic=provider == "reference")
         lines.append(f"  {provider:<9} {record['median_ms']:9.1f} ms  "
-                     f"({record['median_ms'] / matmul:4.1f}x matmul)  peak extra {_mib(record['peak_mem_bytes'])}")
+                     f"({record['median_ms'] / matmul:4.1f}x matmul)  peak extra {_mib(record['peak_mem_bytes'])}"
+                     + ("" if estimate is None else f"  largest batch ~{estimate:>11,}"))
     fast, slow = results[backend], results["reference"]
     if fast["median_ms"] is not None and slow["median_ms"] is not None:
+        share = fast["peak_mem_bytes"] / max(slow["peak_mem_bytes"], 1)
         lines.append(f"  speed-up over the reference: {slow['median_ms'] / fast['median_ms']:.1f}x; "
-                     f"memory: {fast['peak_mem_bytes'] / max(slow['peak_mem_bytes'], 1):.1%} of the reference's")
+                     f"memory: {share:.1%} of the reference's ({1 / max(share, 1e-9):.1f}x less)")
+    if free is not None:
+        lines.append(f"  largest batch: estimated for the {free / 2**30:.1f} GiB free now from the peak memory at "
+                     f"N = {n}, scaled\n  as N^2 for the reference (N x N logits) and as N for {backend} "
+                     f"(an underestimate: part is a fixed workspace)")
     return "\n".join(lines)
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new allocations on ``device`` now (CPU: MemAvailable, Linux only)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def largest_batch_estimate(peak_bytes: Optional[int], n: int, free_bytes: Optional[int],
+                           quadratic: bool) -> Optional[int]:
+    """The batch whose loss would need ``free_bytes``, from ``peak_bytes`` measured at batch ``n``:
+    memory proportional to N^2 (``quadratic``: N x N logits) or to N. None when unknown."""
+    if peak_bytes is None or peak_bytes <= 0 or free_bytes is None:
+        return None
+    ratio = free_bytes / peak_bytes
+    return int(n * (math.sqrt(ratio) if quadratic else ratio))
 
 
 def _outcome(record: dict) -> str:

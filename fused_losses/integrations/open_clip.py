@@ -14,13 +14,14 @@ not import open_clip.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from fused_losses import distributed, functional
+from fused_losses._typing import Scalar
 from fused_losses.integrations._fallback import original_class, warn_fallback
 
 
@@ -84,7 +85,7 @@ class ClipLoss(nn.Module):
         loss = self._contrastive_loss(image_features, text_features, logit_scale)
         return _as_output(loss, output_dict)
 
-    def _contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale):
+    def _contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar) -> Tensor:
         if self.world_size == 1:
             return functional.clip_loss(image_features, text_features, logit_scale,
                                         normalize=False, backend=self.backend)
@@ -136,8 +137,8 @@ class SigLipLoss(nn.Module):
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl, self.backend = dist_impl, backend
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
-                output_dict: bool = False):
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
+                logit_bias: Optional[Scalar], output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
         if self.world_size > 1:
             _check_world(self.rank, self.world_size)
         loss = functional.siglip_loss(

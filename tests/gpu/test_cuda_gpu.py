@@ -5,8 +5,8 @@
 
 The extension is built just in time on first use when it is not built already (about a minute).
 The dense truth is computed from the same (already rounded) inputs, so the remaining error is the
-kernels' own: fp32 accumulation everywhere, plus TF32 rounding of dL/dS and of the normalized rows
-in the backward's products (and in everything for fp32_precision="tf32").
+kernels' own: fp32 accumulation everywhere, plus the rounding of the backward's weights to the
+input dtype for 16-bit inputs (chunked_backward), and TF32 in everything for fp32_precision="tf32".
 """
 
 import math
@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from fused_losses.backends import chunked_backward
 from fused_losses.backends import cuda as cuda_backend
 from fused_losses.backends import select_backend
 from fused_losses.backends.cuda import kernels as cuda_kernels
@@ -30,13 +31,15 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # magnitude of the truth. (forward lse, forward softplus, backward). Single-pass TF32 errs by
 # ~1e-3 relative in S, so by ~scale * 1e-3 relative in exp(S): it is checked at scale 20.
 TOLERANCES = {"tf32": (0.1, 0.05, 0.1), "split_tf32": (2e-3, 1e-4, 3e-3)}
+# The backward's weights rounded to 16 bits (relative 2^-9 for bf16, 2^-12 for fp16).
+BACKWARD_TOLERANCE = {BF16: 1e-2, FP16: 3e-3, FP32: 0.0}
 
 # (dtype, N, M, D, diag_offset, workspace_limit_bytes or None for the default)
 CASES = [
     (BF16, 8192, 8192, 512, 0, None),
     (FP16, 8192, 8192, 256, None, None),
     (FP32, 4096, 4096, 512, 0, None),
-    (BF16, 4097, 3001, 1000, 3, 1 << 20),  # ragged tiles; several forward launches, 65 backward chunks
+    (BF16, 4097, 3001, 1000, 3, 1 << 20),  # ragged tiles; several forward launches, 2 backward chunks
     (FP16, 300, 65536, 128, -5, None),  # few rows: columns split across CTAs
     (BF16, 65536, 512, 256, 0, None),  # few columns
     (FP32, 1000, 777, 65, 1, 1 << 20),  # odd D: no 16-byte loads
@@ -118,6 +121,7 @@ def assert_close(got, want, tolerance, relative, what):
 
 def check_case(kernels, args, tolerances, bias=-10.0):
     lse_tol, softplus_tol, backward_tol = tolerances
+    backward_tol = max(backward_tol, BACKWARD_TOLERANCE[args["q"].dtype])
     s = dense_similarity(args)
     lse_row, lse_col = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
     n, m = s.shape
@@ -198,6 +202,28 @@ def test_empty_and_zero_dim(ready):
     check_case(kernels, args, TOLERANCES["split_tf32"])
 
 
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+def test_weights_writer_matches_dense(ready, dtype):
+    """The weights kernel alone, on a chunk that starts inside a row tile, into a padded buffer."""
+    n, m, d, start, stop = 700, 517, 200, 131, 650
+    args = make_inputs(dtype, n, m, d, 5)
+    s = dense_similarity(args)
+    lse_row, lse_col = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+    grad_row, grad_col = random_vector(n, 21), random_vector(m, 22)
+    row_scale, col_scale = random_vector(stop - start, 23).abs() + 1, random_vector(m, 24).abs() + 1
+    buffer = torch.full((stop - start, m + 3), math.nan, dtype=dtype, device="cuda")
+    write = make_kernels().lse_weights_writer(**args, lse_row=lse_row.float(), lse_col=lse_col.float(),
+                                              grad_row=grad_row, grad_col=grad_col)
+    write(buffer[:, :m], start, stop, row_scale, col_scale)
+    w = (softmax_shares(s, lse_row, 1) * grad_row.double()[:, None] +
+         softmax_shares(s, lse_col, 0) * grad_col.double()[None, :])[start:stop]
+    want = row_scale.double()[:, None] * col_scale.double()[None, :] * w
+    assert torch.isnan(buffer[:, m:]).all()  # the padding is not written
+    assert_close(buffer[:, :m], want, {BF16: 8e-3, FP16: 1e-3, FP32: 1e-4}[dtype], True, "weights")
+    masked = torch.isneginf(s[start:stop])
+    assert (buffer[:, :m][masked] == 0).all()
+
+
 # -- determinism and output independence --------------------------------------------------------
 
 
@@ -212,16 +238,23 @@ def run_all(kernels, args):
             *kernels.softplus_backward(**args, bias=bias, grad_row=grad_row)]
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Backward chunks of 256 rows (the driver's floor is 4096)."""
+    monkeypatch.setattr(chunked_backward, "MIN_CHUNK_ROWS", 256)
+    monkeypatch.setattr(chunked_backward, "WORKSPACE_BYTES", 1)
+
+
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
-def test_deterministic(ready, dtype):
+def test_deterministic(ready, dtype, small_chunks):
     args = make_inputs(dtype, 3000, 5000, 384, 0)
-    kernels = make_kernels(1 << 22)  # several chunks, several forward launches
+    kernels = make_kernels(1 << 22)  # several backward chunks, several forward launches
     first, second = run_all(kernels, args), run_all(kernels, args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_poisoned_outputs_and_workspace(ready, monkeypatch):
+def test_poisoned_outputs_and_workspace(ready, monkeypatch, small_chunks):
     """Results do not depend on what output and workspace buffers held before."""
     args = make_inputs(BF16, 1500, 2100, 96, -1)
     kernels = make_kernels(1 << 20)
@@ -253,8 +286,9 @@ def test_side_stream(ready):
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
-def test_memcheck_small(ready, dtype):
-    """Every entry point on ragged sizes, in seconds even under compute-sanitizer memcheck."""
+def test_memcheck_small(ready, dtype, small_chunks):
+    """Every entry point on ragged sizes, in seconds even under compute-sanitizer (memcheck,
+    racecheck, synccheck: benchmarks/gpu_session.sh checks)."""
     for offset, limit in [(None, None), (3, 1)]:
         args = make_inputs(dtype, 70, 45, 37, offset)
         check_case(make_kernels(limit), args, TOLERANCES["split_tf32"])

@@ -18,6 +18,10 @@ from typing import Optional
 import torch
 
 MIN_CAPABILITY = (8, 0)
+# Shared memory one CTA of the tile kernels takes (csrc/launch_plan.h: 3 stages of 32 KiB, plus the
+# epilogues' buffers, at most ~9 KiB): A100 / H100 / B200-class GPUs have it, sm_86 / sm_89 /
+# sm_120 (99 KiB a block) do not.
+MIN_SHARED_MEMORY_PER_BLOCK = 106 * 1024
 
 # Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
 FEATURES = frozenset()
@@ -35,6 +39,10 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if capability < MIN_CAPABILITY:
         return (f"the cuda backend needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
                 f"(this GPU has {capability[0]}.{capability[1]})")
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if shared is not None and shared < MIN_SHARED_MEMORY_PER_BLOCK:
+        return (f"the cuda backend's kernels need {MIN_SHARED_MEMORY_PER_BLOCK // 1024} KiB of shared memory per "
+                f"block (sm_80, sm_90, sm_100 GPUs); this GPU has {shared // 1024} KiB: use backend='triton'")
     from fused_losses.backends.cuda import _extension
 
     return _extension.unavailable_reason(capability)

@@ -26,7 +26,7 @@ from fused_losses.backends.cuda import build
 
 MODULE_NAME = "fused_losses.backends.cuda._C"
 HOW_TO_BUILD = (
-    f"build it with `{build.BUILD_COMMAND}` or `FUSED_LOSSES_BUILD_CUDA=1 pip install --no-build-isolation .`"
+    f"build it with `{build.BUILD_COMMAND}` or `FUSED_LOSSES_BUILD_CUDA=1 pip install .`"
 )
 
 _log = logging.getLogger(__name__)

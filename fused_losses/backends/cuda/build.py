@@ -28,11 +28,13 @@ from typing import List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CSRC = REPO_ROOT / "csrc"
-SOURCES = ("forward.cu", "backward.cu", "binding.cpp")
+SOURCES = ("forward.cu", "weights.cu", "binding.cpp")
 DEFAULT_ARCHS = "80;90"
 MIN_ARCH = 80  # bf16 and TF32 tensor-core MMA
 # The in-place build: where an installed package or `python -m ...build` puts the extension.
 IN_PLACE_OUTPUT = Path(__file__).resolve().parent / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+# Where the in-place build keeps its objects (compile_check reads them).
+BUILD_DIR = REPO_ROOT / "build" / "fused_losses_cuda"
 BUILD_COMMAND = "python -m fused_losses.backends.cuda.build  (from the repository root)"
 
 
@@ -108,7 +110,7 @@ def find_ninja() -> Optional[str]:
     if found:
         return found
     try:  # the `ninja` package from PyPI, even when its script is not on PATH
-        import ninja  # type: ignore[import-not-found]
+        import ninja
     except ImportError:
         return None
     candidate = Path(ninja.BIN_DIR) / "ninja"
@@ -117,7 +119,7 @@ def find_ninja() -> Optional[str]:
 
 def pybind11_include() -> Optional[str]:
     try:
-        import pybind11  # type: ignore[import-not-found]
+        import pybind11
 
         return pybind11.get_include()
     except ImportError:
@@ -207,7 +209,7 @@ def build(output: Path = IN_PLACE_OUTPUT, archs: Optional[Sequence[int]] = None,
         raise BuildError("cannot build the CUDA extension: missing " + "; ".join(missing))
     archs = parse_archs() if archs is None else list(archs)
     output = Path(output).resolve()
-    build_dir = Path(build_dir or REPO_ROOT / "build" / "fused_losses_cuda").resolve()
+    build_dir = Path(build_dir or BUILD_DIR).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_build_file(build_dir, output, archs, find_nvcc())

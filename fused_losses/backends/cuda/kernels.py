@@ -1,11 +1,24 @@
 """SimilarityKernels on the compiled CUDA kernels: validation, output allocation, launch.
 
-Inputs may have any row stride; a tensor whose inner (feature) stride is not 1 is copied to a
-contiguous one first. Outputs and the workspace come from torch's caching allocator on the current
-stream. Workspaces: the forward keeps partial row (and column) statistics, at most about
-``workspace_limit_bytes``; the backward materializes scale * dL/dS for a chunk of rows at a time,
-chunk_rows x M fp32 with chunk_rows the largest multiple of 64 under ``workspace_limit_bytes``
-(at least 64 rows, so at least 256 * M bytes).
+Two fused kernels run here: the forward statistics (``lse_forward`` / ``softplus_forward``) and the
+backward's weights writer; the backward itself is ``fused_losses.backends.chunked_backward`` (the
+vendor GEMM for both products) fed chunk by chunk by that writer.
+
+Inputs may have any row stride up to ``tile["max_row_stride_bytes"]`` of the extension; a tensor
+whose inner (feature) stride is not 1, or whose rows lie further apart, is copied to a contiguous
+one first. Outputs and workspaces come from torch's caching allocator on the current stream. The
+forward keeps partial row (and column) statistics, at most about ``workspace_limit_bytes``; the
+backward's workspace is the driver's (one chunk of weights, see chunked_backward).
+
+Timing the pieces (what a benchmark calls, inputs as for the primitives):
+
+    kernels = CudaKernels()
+    kernels.lse_forward(q, k, r, c, scale, None, True, True)            # forward statistics kernel
+    write = kernels.lse_weights_writer(q, k, r, c, scale, None, lse_row, lse_col, g_row, g_col)
+    write(out, 0, rows, row_scale, col_scale)                           # weights kernel, one chunk
+
+with ``out`` a (rows, M) view of a buffer in the input dtype (unit column stride) and
+``row_scale`` (rows,), ``col_scale`` (M,) fp32 (e.g. from ``chunked_backward.weight_scales``).
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fused_losses.backends import chunked_backward
 from fused_losses.backends.cuda import _extension
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -42,7 +56,7 @@ class CudaKernels:
     fp32_precision: how fp32 inputs are multiplied on the tensor cores: "split_tf32" (default; each
     operand split into two TF32 parts, three products, close to fp32 accuracy) or "tf32" (one
     product, about 1e-3 relative error, up to 3x faster). fp16 / bf16 inputs use their own MMA.
-    workspace_limit_bytes: soft cap on each call's workspace (see the module docstring).
+    workspace_limit_bytes: soft cap on the forward's workspace (see the module docstring).
     """
 
     name = "cuda"
@@ -71,16 +85,20 @@ class CudaKernels:
 
     def lse_backward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col):
         call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        u, v = _empty(q.shape, q.device), _empty(k.shape, q.device)
         if call.empty or (grad_row is None and grad_col is None):
-            return u.zero_(), v.zero_()
-        if (grad_row is not None and lse_row is None) or (grad_col is not None and lse_col is None):
-            raise ValueError("lse_backward: a gradient is given for a direction without its lse")
-        lse_row, lse_col, grad_row, grad_col = (_stat_vector(x, q.device) for x in (lse_row, lse_col, grad_row, grad_col))
-        bytes_needed = call.ext.lse_backward_workspace_bytes(call.problem, call.launch)
-        call.run(call.ext.lse_backward, bytes_needed, lse_row=_address(lse_row), lse_col=_address(lse_col),
-                 grad_row=_address(grad_row), grad_col=_address(grad_col), u=u.data_ptr(), v=v.data_ptr())
+            return _empty(q.shape, q.device).zero_(), _empty(k.shape, q.device).zero_()
+        write = _lse_writer(call, lse_row, lse_col, grad_row, grad_col)
+        u, v, _ = chunked_backward.chunked_backward(call.q, call.k, call.inv_norm_q, call.inv_norm_k, call.scale,
+                                                    chunked_backward.weight_bound(grad_row, grad_col), write,
+                                                    row_multiple=call.ext.tile["rows"])
         return u, v
+
+    def lse_weights_writer(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row,
+                           grad_col) -> chunked_backward.WeightsWriter:
+        """The weights writer of lse_backward (chunked_backward's contract) for N, M > 0: writes
+        W_ij = grad_row_i exp(S_ij - lse_row_i) + grad_col_j exp(S_ij - lse_col_j), scaled."""
+        return _lse_writer(_Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset), lse_row, lse_col, grad_row,
+                           grad_col)
 
     def softplus_forward(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset):
         call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
@@ -94,15 +112,67 @@ class CudaKernels:
 
     def softplus_backward(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset, grad_row):
         call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
-        u, v, grad_bias = _empty(q.shape, q.device), _empty(k.shape, q.device), _empty((), q.device)
         if call.empty:
-            return u.zero_(), v.zero_(), grad_bias.zero_()
-        bias = _stat_scalar(bias, q.device)
-        grad_row = _stat_vector(grad_row, q.device)
-        bytes_needed = call.ext.softplus_backward_workspace_bytes(call.problem, call.launch)
-        call.run(call.ext.softplus_backward, bytes_needed, bias=bias.data_ptr(), grad_row=grad_row.data_ptr(),
-                 u=u.data_ptr(), v=v.data_ptr(), grad_bias=grad_bias.data_ptr())
-        return u, v, grad_bias
+            return (_empty(q.shape, q.device).zero_(), _empty(k.shape, q.device).zero_(),
+                    _empty((), q.device).zero_())
+        return chunked_backward.chunked_backward(call.q, call.k, call.inv_norm_q, call.inv_norm_k, call.scale,
+                                                 chunked_backward.weight_bound(grad_row),
+                                                 _softplus_writer(call, bias, grad_row),
+                                                 row_multiple=call.ext.tile["rows"], sum_weights=True)
+
+    def softplus_weights_writer(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset,
+                                grad_row) -> chunked_backward.WeightsWriter:
+        """The weights writer of softplus_backward (chunked_backward's contract) for N, M > 0: writes
+        W_ij = grad_row_i sigmoid(S_ij + bias), scaled, and returns the chunk's sum of W (0-d)."""
+        return _softplus_writer(_Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset), bias, grad_row)
+
+
+def _lse_writer(call: "_Call", lse_row, lse_col, grad_row, grad_col) -> chunked_backward.WeightsWriter:
+    if grad_row is None and grad_col is None:
+        raise ValueError("lse weights: neither grad_row nor grad_col is given")
+    if (grad_row is not None and lse_row is None) or (grad_col is not None and lse_col is None):
+        raise ValueError("lse weights: a gradient is given for a direction without its lse")
+    lse_row, lse_col, grad_row, grad_col = (_stat_vector(x, call.device)
+                                            for x in (lse_row, lse_col, grad_row, grad_col))
+
+    def write(out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> None:
+        call.ext.lse_weights(problem=call.problem, lse_row=_address(lse_row), lse_col=_address(lse_col),
+                             grad_row=_address(grad_row), grad_col=_address(grad_col),
+                             **_chunk_args(call, out, row_start, row_stop, row_scale, col_scale), launch=call.launch)
+
+    return write
+
+
+def _softplus_writer(call: "_Call", bias, grad_row) -> chunked_backward.WeightsWriter:
+    bias = _stat_scalar(bias, call.device)
+    grad_row = _stat_vector(grad_row, call.device)
+
+    def write(out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+        weight_sum = _empty((), call.device)
+        bytes_needed = call.ext.softplus_weights_workspace_bytes(problem=call.problem, row_start=row_start,
+                                                                 row_stop=row_stop, launch=call.launch)
+        workspace = _empty(max(bytes_needed, 1), call.device, torch.uint8)
+        call.ext.softplus_weights(problem=call.problem, bias=bias.data_ptr(), grad_row=grad_row.data_ptr(),
+                                  **_chunk_args(call, out, row_start, row_stop, row_scale, col_scale),
+                                  weight_sum=weight_sum.data_ptr(), workspace=workspace.data_ptr(),
+                                  workspace_bytes=workspace.numel(), launch=call.launch)
+        return weight_sum
+
+    return write
+
+
+def _chunk_args(call, out: Tensor, row_start: int, row_stop: int, row_scale: Tensor, col_scale: Tensor) -> dict:
+    """The weights kernels' chunk arguments, checked against the writer's contract."""
+    rows, m = row_stop - row_start, call.k.shape[0]
+    if out.dtype != call.q.dtype or out.shape != (rows, m) or out.stride(1) != 1 or out.device != call.device:
+        raise ValueError(f"weights: out must be a ({rows}, {m}) {call.q.dtype} tensor on {call.device} with unit "
+                         f"column stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    for name, x, size in (("row_scale", row_scale, rows), ("col_scale", col_scale, m)):
+        if x.dtype != torch.float32 or x.shape != (size,) or not x.is_contiguous() or x.device != call.device:
+            raise ValueError(f"weights: {name} must be a contiguous ({size},) float32 tensor on {call.device}, "
+                             f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+    return dict(row_start=row_start, row_stop=row_stop, out=out.data_ptr(), out_row_stride=out.stride(0),
+                row_scale=row_scale.data_ptr(), col_scale=col_scale.data_ptr())
 
 
 def _check_operands(q: Tensor, k: Tensor) -> None:
@@ -117,9 +187,17 @@ def _check_operands(q: Tensor, k: Tensor) -> None:
         raise ValueError(f"the cuda backend needs q and k on one CUDA device (got {q.device} and {k.device})")
 
 
-def _inner_contiguous(x: Tensor) -> Tensor:
-    """x itself when its feature dimension has stride 1 (any row stride is fine), else a copy."""
-    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+def _row_stride(x: Tensor) -> int:
+    """The row stride the kernels read x (N, D) with (a single row's is irrelevant: D)."""
+    return x.stride(0) if x.shape[0] > 1 else x.shape[1]
+
+
+def _kernel_operand(x: Tensor, max_row_stride_bytes: int) -> Tensor:
+    """x itself when the kernels can read it in place (unit feature stride, rows apart by at least
+    D and at most max_row_stride_bytes), else a contiguous copy."""
+    inner_ok = x.shape[1] <= 1 or x.stride(1) == 1
+    stride = _row_stride(x)
+    return x if inner_ok and x.shape[1] <= stride <= max_row_stride_bytes // x.element_size() else x.contiguous()
 
 
 def _stat_vector(x: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -145,7 +223,8 @@ class _Call:
         if self.empty:
             return
         self.ext = _extension.load(torch.cuda.get_device_capability(self.device))
-        self.q, self.k = _inner_contiguous(q), _inner_contiguous(k)
+        limit = self.ext.tile["max_row_stride_bytes"]
+        self.q, self.k = _kernel_operand(q, limit), _kernel_operand(k, limit)
         self.inv_norm_q = _stat_vector(inv_norm_q, self.device)
         self.inv_norm_k = _stat_vector(inv_norm_k, self.device)
         self.scale = _stat_scalar(scale, self.device)
@@ -153,7 +232,8 @@ class _Call:
             raise ValueError("inv_norm_q and inv_norm_k must have shapes (N,) and (M,)")
         self.problem = self.ext.SimilarityProblem(
             dtype=getattr(self.ext.DType, _DTYPES[q.dtype]),
-            q=self.q.data_ptr(), q_row_stride=self.q.stride(0), k=self.k.data_ptr(), k_row_stride=self.k.stride(0),
+            q=self.q.data_ptr(), q_row_stride=_row_stride(self.q),
+            k=self.k.data_ptr(), k_row_stride=_row_stride(self.k),
             n=n, m=m, d=d, inv_norm_q=self.inv_norm_q.data_ptr(), inv_norm_k=self.inv_norm_k.data_ptr(),
             scale=self.scale.data_ptr(), has_mask=diag_offset is not None, diag_offset=int(diag_offset or 0),
         )
