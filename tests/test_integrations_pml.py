@@ -317,8 +317,6 @@ def test_self_supervised_loss(gen, name, symmetric):
 # Through the triton backend (its interpreter without a GPU)
 
 
-# The interpreter evaluates masked lanes with numpy, which warns (as in test_triton_backend.py).
-@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("name,call", [("NTXentLoss", "ref_emb"), ("SupConLoss", "indices_tuple")])
 def test_label_masked_scoring_on_the_triton_backend(gen, name, call):
     """NTXentLoss (positive pairs against their anchor's negatives) and SupConLoss with given
