@@ -64,13 +64,14 @@ def _one_way(diag_offset: Optional[int], exclude_same_label: Optional[bool] = No
     """Row statistics and their backward; with ``exclude_same_label``, under a label mask of int64
     labels (the class ids of the pytorch-metric-learning drop-ins)."""
     def call(kernels: TritonKernels, n: int, m: int, x: Dict) -> None:
-        labels = {}
+        labels = None
         if exclude_same_label is not None:
-            labels["label_mask"] = LabelMask(torch.empty(n, dtype=torch.int64, device="meta"),
-                                             torch.empty(m, dtype=torch.int64, device="meta"), exclude_same_label)
-        lse_row, _ = kernels.lse_forward(**x, diag_offset=diag_offset, want_rows=True, want_cols=False, **labels)
+            labels = LabelMask(torch.empty(n, dtype=torch.int64, device="meta"),
+                               torch.empty(m, dtype=torch.int64, device="meta"), exclude_same_label)
+        lse_row, _ = kernels.lse_forward(**x, diag_offset=diag_offset, want_rows=True, want_cols=False,
+                                         label_mask=labels)
         kernels.lse_backward(**x, diag_offset=diag_offset, lse_row=lse_row, lse_col=None,
-                             grad_row=torch.empty(n, device="meta"), grad_col=None, **labels)
+                             grad_row=torch.empty(n, device="meta"), grad_col=None, label_mask=labels)
     return call
 
 
