@@ -19,12 +19,14 @@ A negative temperature (which lightly accepts) is computed by lightly's own clas
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fused_losses import _validation as check
 from fused_losses import distributed, functional
 from fused_losses.integrations._fallback import original_class, warn_fallback
 from fused_losses.primitives import as_scalar_tensor, lse_statistics, statistics_dtype
@@ -100,6 +102,9 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False, *, backend: str = "auto"):
         super().__init__()
+        check.check_real("temperature", temperature, "a finite float", lambda v: -math.inf < v < math.inf)
+        check.check_flag("gather_distributed", gather_distributed)
+        check.check_backend(backend)
         self.memory_bank = MemoryBank(size=memory_bank_size, gather_distributed=gather_distributed)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
