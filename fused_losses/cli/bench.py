@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import torch
 
-from fused_losses.benchmarking import Sweep, read_records, run_sweep, write_records
+from fused_losses.benchmarking import Sweep, run_sweep, write_records
 from fused_losses.cli.progress import ProgressBar
 
 
@@ -80,20 +80,16 @@ def _outcome(record: dict) -> str:
     return record.get("error") or record.get("note") or "not measured"
 
 
-def run_bench(losses: List[str], batch_sizes: List[int], dims: List[int], dtype: str,
-              providers: List[str], modes: List[str], device: str, repeats: int, out: str,
-              keys=None) -> int:
-    """Measure every combination, append JSON lines to ``out``; return the number of records."""
-    sweep = Sweep(losses, batch_sizes, dims, (dtype,), providers, device, modes=modes, keys=keys,
-                  repeats=repeats)
+def run_bench(sweep: Sweep, out: str) -> List[dict]:
+    """Measure ``sweep``, appending each record to the JSON lines file ``out``; return them."""
     with ProgressBar(sweep.size(), "bench") as bar:
         return write_records(run_sweep(sweep, bar.advance), out)
 
 
-def summarize(out: str) -> str:
-    """A short table of the records in ``out`` (JSON lines)."""
+def summarize(records: List[dict]) -> str:
+    """A short table of ``records``."""
     lines = [f"{'loss':<9} {'provider':<10} {'n':>6} {'d':>5} {'mode':<17} {'median ms':>10} {'x matmul':>8} {'peak MiB':>9}"]
-    for r in read_records([out]):
+    for r in records:
         if r["median_ms"] is None:
             median, ratio = _outcome(r)[:40], ""
         else:
