@@ -174,8 +174,20 @@ def check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {describe(value)}")
 
 
-def check_eps(eps: float) -> None:
+def check_eps(eps: float, dtype: torch.dtype = torch.float64) -> None:
+    """The norm floor: a float > 0 that ``dtype`` (the statistics dtype) holds as a normal number,
+    so that it never rounds to 0 there (a zero row would then divide by 0)."""
     check_real("eps", eps, "a finite float > 0", lambda v: 0 < v < math.inf)
+    info = torch.finfo(dtype)
+    check_real("eps", eps, f"in [{info.tiny:.4g}, {info.max:.4g}] for losses computed in {dtype}",
+               lambda v: info.tiny <= v <= info.max)
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {describe(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
 
 
 def check_diag_offset(diag_offset: Optional[int]) -> None:

@@ -288,12 +288,11 @@ def _check_common(q: Tensor, k: Tensor, normalize: bool, eps: float, diag_offset
                   chunk_size: Optional[int]) -> None:
     check.check_compatible("q", q, "k", k, same_rows=False)
     check.check_flag("normalize", normalize)
-    check.check_eps(eps)
+    check.check_eps(eps, statistics_dtype(q.dtype))
     check.check_diag_offset(diag_offset)
     check.check_backend(backend)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        check.check_positive_int("chunk_size", chunk_size)
     if chunk_size is not None and backend not in ("torch", "auto"):
         raise ValueError(f"chunk_size applies to backend='torch' only, got backend={backend!r}")
 

@@ -11,6 +11,7 @@ import torch
 from fused_losses import backends, cli
 from fused_losses.benchmarking import Sweep
 from fused_losses.cli import main
+from fused_losses.cli.bench import quick_sweep
 from fused_losses.cli.selfcheck import check_backend_loss
 
 TINY = ["bench", "--device", "cpu", "--batch-sizes", "8", "--dims", "4", "--repeats", "1",
@@ -91,3 +92,11 @@ def test_selfcheck_of_the_triton_interpreter_prints_no_numpy_warning():
         loss_error, grad_error = check_backend_loss("triton", "supcon", device)
     assert loss_error < 1e-4 and grad_error < 1e-4
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_quick_benchmark_runs_the_backend_auto_picks(monkeypatch):
+    """Not triton's CPU interpreter, which the self-check runs but which would take hours at the
+    benchmark's size."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sweep = quick_sweep(torch.device("cpu"))
+    assert tuple(sweep.providers) == ("torch", "reference")

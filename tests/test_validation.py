@@ -64,7 +64,9 @@ B = torch.randn(6, 4)
     (lambda: fl.similarity_lse(A, B, rows=False, cols=False), ValueError, "rows=True or cols=True"),
     (lambda: fl.similarity_lse(A, B, diag_offset=1.5), TypeError, "diag_offset must be an int"),
     (lambda: fl.similarity_lse(A, B, eps=0.0), ValueError, "eps must be a finite float > 0"),
-    (lambda: fl.similarity_lse(A, B, chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (lambda: fl.similarity_lse(A, B, chunk_size=0), ValueError, "chunk_size must be an int >= 1, got 0"),
+    (lambda: fl.similarity_lse(A, B, chunk_size=2.0), TypeError, "chunk_size must be an int >= 1, got float"),
+    (lambda: fl.similarity_lse(A, B, eps=1e-40), ValueError, r"eps must be in \[1.175e-38, .* torch.float32"),
     (lambda: fl.similarity_softplus(A, B, 1.0, float("nan")), ValueError, "bias must be finite"),
     # cosine embedding loss
     (lambda: fl.cosine_embedding_loss(A, B, torch.ones(5)), ValueError, r"target must be a tensor of shape \(6,\)"),
@@ -203,6 +205,7 @@ def test_auto_never_picks_a_backend_that_cannot_compute_the_dtype(monkeypatch, d
     if dtype == torch.bfloat16:
         assert chosen != "triton"
     assert unavailable_reason(chosen, torch.device(device), dtype) is None
+    assert select_backend("auto", device, dtype) == chosen  # a device named by a string
 
 
 def test_auto_on_cpu_gives_the_reference_numbers_in_bfloat16(gen):

@@ -86,6 +86,7 @@ def select_backend(backend: str, device: torch.device, features: AbstractSet[str
                    dtype: Optional[torch.dtype] = None) -> str:
     """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` (of ``dtype``, when given)
     and a call that needs the optional ``features``; raise if it cannot run or lacks one of them."""
+    device = torch.device(device)
     if backend == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
         for name in order:

@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table, passed = run_selfcheck(backends, device)
     print(table, end="\n\n", flush=True)
     if not args.no_bench:
-        print(quick_benchmark(backends[0], device), flush=True)
+        print(quick_benchmark(device), flush=True)
     print("\nself-check " + ("passed" if passed else "FAILED"))
     return 0 if passed else 1
 
