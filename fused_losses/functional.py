@@ -67,7 +67,7 @@ def _reduce(per_item: Tensor, reduction: str, world_size: int = 1,
     return total / global_count
 
 
-def _nonnegative(loss: Tensor) -> Tensor:
+def nonnegative(loss: Tensor) -> Tensor:
     """``loss``, exactly >= 0 in exact arithmetic, with what rounding put below zero set to 0. The
     gradient stays that of ``loss`` (the true loss's, which is not 0 there); NaN stays NaN."""
     return torch.where(loss < 0, loss - loss.detach(), loss)
@@ -79,8 +79,9 @@ def _embed(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1, eps=DEFAULT_EPS) if normalize else x
 
 
-def _inverse_temperature(name: str, temperature: Scalar, like: Tensor) -> Tensor:
-    """1 / temperature as a 0-d tensor of the statistics dtype of ``like``, checked there."""
+def inverse_temperature(name: str, temperature: Scalar, like: Tensor) -> Tensor:
+    """1 / temperature (argument ``name``) as a 0-d tensor of the statistics dtype of ``like``,
+    checked in that dtype (TypeError / ValueError)."""
     dtype = statistics_dtype(like.dtype)
     check.check_positive_scalar(name, temperature, like.device, dtype, reciprocal=True)
     return as_scalar_tensor(temperature, dtype, like.device).reciprocal()
@@ -98,8 +99,8 @@ def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, scale: Ten
     """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - e mean_j S_ij, with
     ``key_mean()`` the mean (D,) of the rows' embedded keys (called only when e > 0)."""
     if label_smoothing == 0:
-        return _nonnegative(lse - positive)
-    return _nonnegative(lse - (1 - label_smoothing) * positive
+        return nonnegative(lse - positive)
+    return nonnegative(lse - (1 - label_smoothing) * positive
                         - label_smoothing * scale * (u @ key_mean()))
 
 
@@ -172,7 +173,7 @@ def info_nce(query: Tensor, keys: Tensor, temperature: Scalar = 0.07, *, targets
                              f"(the positive of query i is keys[i]), got {m} keys for {n} queries")
     else:
         targets = check.class_indices("targets", targets, n, query.device, num_classes=m)
-    scale = _inverse_temperature("temperature", temperature, query)
+    scale = inverse_temperature("temperature", temperature, query)
     per_query, world_size, global_queries = _info_nce_per_query(
         query, keys, scale, targets, label_smoothing, normalize, backend, gather_distributed,
         process_group)
@@ -190,7 +191,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
     """
     across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_compatible("z1", z1, "z2", z2, same_rows=True, allow_empty_rows=across_ranks)
-    scale = _inverse_temperature("temperature", temperature, z1)
+    scale = inverse_temperature("temperature", temperature, z1)
     views = torch.cat([z1, z2])
     # Gathered rank by rank, every rank's views sit contiguously: self is at the rank's offset.
     all_views = distributed.gather_rows(views, gather_distributed, process_group)
@@ -199,7 +200,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
     u = _embed(views, normalize)
     partners = torch.cat([u[z1.shape[0]:], u[: z1.shape[0]]])
     positive = scale * (u * partners).sum(dim=1)
-    return _reduce(_nonnegative(lse_row - positive), reduction, all_views.world_size, all_views.rows.shape[0])
+    return _reduce(nonnegative(lse_row - positive), reduction, all_views.world_size, all_views.rows.shape[0])
 
 
 def _class_sums(u: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -229,7 +230,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, 
     across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_embeddings("features", features, allow_empty_rows=across_ranks)
     labels = check.class_indices("labels", labels, features.shape[0], features.device)
-    scale = _inverse_temperature("temperature", temperature, features)
+    scale = inverse_temperature("temperature", temperature, features)
     gathered = distributed.gather_rows(features, gather_distributed, process_group)
     all_labels = distributed.gather_rows(labels, gather_distributed, process_group,
                                          counts=gathered.row_counts).rows
@@ -243,7 +244,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, 
     has_positive = positives > 0
     positive_mean = (scale * (u * (class_sum[anchors] - u)).sum(dim=1)
                      / positives[anchors].clamp(min=1))
-    per_anchor = torch.where(has_positive[anchors], _nonnegative(lse_row - positive_mean),
+    per_anchor = torch.where(has_positive[anchors], nonnegative(lse_row - positive_mean),
                              torch.zeros_like(lse_row))
     if reduction == "mean":
         return gathered.world_size * per_anchor.sum() / has_positive.sum().clamp(min=1)
@@ -265,7 +266,7 @@ def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature: Scalar = 1.0
     across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_compatible("anchors", anchors, "positives", positives, same_rows=True,
                            allow_empty_rows=across_ranks)
-    scale = _inverse_temperature("temperature", temperature, anchors)
+    scale = inverse_temperature("temperature", temperature, anchors)
     per_anchor, world_size, global_anchors = _info_nce_per_query(
         anchors, positives, scale, None, 0.0, normalize, backend, gather_distributed, process_group)
     if l2_reg > 0:
@@ -296,7 +297,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
                                        normalize=normalize, backend=backend)
     u, v = _embed(image_features, normalize), _embed(text_features, normalize)
     # -logsigmoid(z) = softplus(-z) = softplus(z) - z: the positive pair's softplus is in the sum.
-    per_row = _nonnegative(softplus_row - (scale * (u * v).sum(dim=1) + bias))
+    per_row = nonnegative(softplus_row - (scale * (u * v).sum(dim=1) + bias))
     return _reduce(per_row, reduction, all_texts.world_size, all_texts.rows.shape[0])
 
 
@@ -345,7 +346,7 @@ def cosine_embedding_loss(x1: Tensor, x2: Tensor, target: Tensor, margin: float 
     _check_signs(target, x1.shape[0], x1.device)
     a, b = _embed(x1, False), _embed(x2, False)
     cosine = (a * b).sum(dim=1) / ((a.square().sum(dim=1) + 1e-12) * (b.square().sum(dim=1) + 1e-12)).sqrt()
-    per_pair = torch.where(target == 1, _nonnegative(1 - cosine), (cosine - margin).clamp(min=0))
+    per_pair = torch.where(target == 1, nonnegative(1 - cosine), (cosine - margin).clamp(min=0))
     if single and reduction == "none":
         return per_pair[0]
     return _reduce(per_pair, reduction)

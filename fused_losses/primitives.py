@@ -311,8 +311,8 @@ def _check_labels(q: Tensor, k: Tensor, row_labels, col_labels, same_label: str)
         raise ValueError(f"{given} needs {missing} too: the label mask compares the two, got "
                          f"{missing}=None")
     if row_labels is not None:
-        check.check_class_indices("row_labels", row_labels, q.shape[0], q.device)
-        check.check_class_indices("col_labels", col_labels, k.shape[0], k.device)
+        check.class_indices("row_labels", row_labels, q.shape[0], q.device)
+        check.class_indices("col_labels", col_labels, k.shape[0], k.device)
     if same_label not in SAME_LABEL_MODES:
         raise ValueError(f"same_label must be one of {SAME_LABEL_MODES}, got {same_label!r}")
 

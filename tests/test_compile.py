@@ -12,7 +12,7 @@ from torch import nn
 
 import fused_losses as fl
 from fused_losses import primitives
-from fused_losses.integrations import lightly, open_clip, pytorch_metric_learning
+from fused_losses.integrations import lightly, open_clip
 
 
 class _Encoder(nn.Module):
@@ -101,8 +101,8 @@ def _module_call(module, *arguments):
 
 # Every loss, module and adapter that compiles to one graph, with Python-float options: defaults
 # and constructor values become symbolic floats under dynamic=True, and so do floats passed per
-# call (``scale``). The pytorch-metric-learning NT-Xent and N-pairs adapters pick pairs by label
-# (shapes that depend on values) and cannot be one graph.
+# call (``scale``). The pytorch-metric-learning adapters count and pick pairs by label (control
+# flow and shapes that depend on values, as in pytorch-metric-learning) and cannot be one graph.
 FLOAT_OPTIONS = {
     "clip_loss": lambda a, b, y, s: fl.clip_loss(a, b, s, label_smoothing=0.1, backend="torch"),
     "siglip_loss": lambda a, b, y, s: fl.siglip_loss(a, b, s, -s / 2, backend="torch"),
@@ -129,8 +129,6 @@ FLOAT_OPTIONS = {
     "open_clip.SigLipLoss": _module_call(open_clip.SigLipLoss(backend="torch"), "a", "b", "scale",
                                          "scale"),
     "lightly.NTXentLoss": _module_call(lightly.NTXentLoss(backend="torch"), "a", "b"),
-    "pytorch_metric_learning.SupConLoss": _module_call(
-        pytorch_metric_learning.SupConLoss(backend="torch"), "a", "labels"),
 }
 
 

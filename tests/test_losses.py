@@ -6,6 +6,7 @@ from typing import Callable, Dict
 
 import pytest
 import torch
+from pytorch_metric_learning.reducers import DoNothingReducer
 
 import fused_losses as fl
 from fused_losses import functional, reference
@@ -318,6 +319,8 @@ def test_losses_never_go_below_zero():
         (want,) = torch.autograd.grad(loss(theirs, a64).sum(), a64)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * (1 + want.abs().max().item()),
                                    msg=lambda m: f"gradient of {name}: {m}")
+    per_anchor = pml.SupConLoss(0.01, reducer=DoNothingReducer())(torch.cat([x, x]), classes)
+    assert per_anchor["loss"]["losses"].min() >= 0, "pytorch-metric-learning SupConLoss"
 
 
 class _Library:
@@ -332,7 +335,7 @@ class _Library:
 
 def test_nonnegative_sets_rounding_below_zero_to_zero_and_keeps_the_gradient():
     loss = torch.tensor([-3e-5, 0.0, 2.0, float("nan"), float("inf")], requires_grad=True)
-    value = functional._nonnegative(loss)
+    value = functional.nonnegative(loss)
     assert value[0].item() == 0.0 and value[1:3].tolist() == [0.0, 2.0]
     assert value[3].isnan() and value[4].isinf()
     (grad,) = torch.autograd.grad((value * torch.arange(1.0, 6.0)).sum(), loss)

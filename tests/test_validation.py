@@ -86,8 +86,6 @@ B = torch.randn(6, 4)
     (lambda: fl.CosineEmbeddingLoss(reduction="max"), ValueError, "reduction must be one of"),
     # integer class indices: any integer dtype, never bool
     (lambda: fl.info_nce(A, B, targets=torch.ones(6, dtype=torch.bool)), TypeError, "targets must be an integer tensor"),
-    (lambda: pml.SupConLoss()(A, torch.ones(6, dtype=torch.bool)), TypeError, "labels must be an integer tensor"),
-    (lambda: pml.NPairsLoss()(A, torch.arange(6.0)), TypeError, "labels must be an integer tensor"),
     (lambda: fl.info_nce(A, B, targets=torch.tensor([0, 1, 2, 3, 4, 200], dtype=torch.uint8)), ValueError, r"targets must lie in \[0, 6\)"),
     # scales and temperatures in the dtype the loss is computed in (float32 here)
     (lambda: fl.clip_loss(A, B, 1e39), ValueError, r"logit_scale must lie in \[1.175e-38, 3.403e\+38\] for losses computed in torch.float32"),
@@ -124,11 +122,9 @@ B = torch.randn(6, 4)
     (lambda: fl.InfoNCELoss(torch.tensor([0.1, 0.2])), ValueError, "temperature must be a float or a 0-d tensor"),
     (lambda: fl.NTXentLoss(torch.nn.Parameter(torch.tensor(0.0))), ValueError, "temperature must be finite and > 0"),
     (lambda: fl.SupConLoss(temperature="0.1"), TypeError, "temperature must be a float"),
-    (lambda: lightly.NTXentLoss(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    (lambda: lightly.NTXentLoss(temperature="0.5"), TypeError, "temperature must be a finite float"),
     (lambda: lightly.NTXentLoss(gather_distributed="yes"), TypeError, "gather_distributed must be a bool"),
     (lambda: lightly.NTXentLoss(backend="jax"), ValueError, "backend must be one of"),
-    (lambda: lightly.NTXentLoss(memory_bank_size=0.5), ValueError, "memory_bank_size must be 0"),
-    (lambda: pml.NTXentLoss(temperature=-0.07), ValueError, "temperature must be finite and > 0"),
     (lambda: pml.SupConLoss(backend="gpu"), ValueError, "backend must be one of"),
     (lambda: pml.NPairsLoss(backend="gpu"), ValueError, "backend must be one of"),
     (lambda: open_clip.ClipLoss(local_loss="yes"), TypeError, "local_loss must be a bool"),
@@ -197,7 +193,7 @@ def test_auto_never_picks_a_backend_that_cannot_compute_the_dtype(monkeypatch, d
     never triton for bf16 under the interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
-        chosen = select_backend("auto", torch.device(device), dtype)
+        chosen = select_backend("auto", torch.device(device), dtype=dtype)
     except BackendUnavailable:
         pytest.fail(f"the torch backend runs everywhere, auto found none for {dtype} on {device}")
     if device == "cpu" or dtype == torch.float64:
@@ -205,7 +201,7 @@ def test_auto_never_picks_a_backend_that_cannot_compute_the_dtype(monkeypatch, d
     if dtype == torch.bfloat16:
         assert chosen != "triton"
     assert unavailable_reason(chosen, torch.device(device), dtype) is None
-    assert select_backend("auto", device, dtype) == chosen  # a device named by a string
+    assert select_backend("auto", device, dtype=dtype) == chosen  # a device named by a string
 
 
 def test_auto_on_cpu_gives_the_reference_numbers_in_bfloat16(gen):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fused_losses import _validation as check
 from fused_losses import distributed, functional
 from fused_losses.integrations._fallback import original_class, warn_fallback
-from fused_losses.primitives import as_scalar_tensor, lse_statistics, statistics_dtype
+from fused_losses.primitives import lse_statistics
 
 
 class MemoryBank(nn.Module):
@@ -136,7 +136,7 @@ class NTXentLoss(nn.Module):
         if negatives.shape[1] != out0.shape[1]:
             raise ValueError(f"memory_bank_size {self.memory_bank.size} holds rows of dim "
                              f"{negatives.shape[1]}, but out0 has dim {out0.shape[1]}")
-        scale = as_scalar_tensor(self.temperature, statistics_dtype(out0.dtype), out0.device).reciprocal()
+        scale = functional.inverse_temperature("temperature", self.temperature, out0)
         lse_bank, _ = lse_statistics(out0, negatives, scale, rows=True, cols=False, normalize=False,
                                      backend=self.backend)
         positive = scale * torch.linalg.vecdot(out0.to(scale.dtype), out1.to(scale.dtype))
