@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -89,7 +89,7 @@ def check_real(name: str, value, allowed: str, is_ok: Callable[[float], bool]) -
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {allowed}, got {describe(value)}")
-    if not is_ok(value):
+    if not is_ok(cast(float, value)):  # not float(value): that would specialize a symbolic float
         raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")
 
 

@@ -97,9 +97,9 @@ def row_counts(x: Tensor, process_group=None) -> List[int]:
     """Number of rows of ``x`` on every rank of the group (one small all_gather). A rank may hold
     none; if all do, every rank raises the same ValueError (none is left waiting in a collective)."""
     local = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(counts, local, group=process_group)
-    counts = torch.cat(counts).tolist()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, local, group=process_group)
+    counts: List[int] = torch.cat(gathered).tolist()
     if sum(counts) == 0:
         raise ValueError(f"the global batch is empty: every one of the {len(counts)} ranks passed "
                          f"0 rows (shape {tuple(x.shape)} here); a rank may hold no rows, but "

@@ -18,7 +18,7 @@ gradient semantics described in ``fused_losses.distributed``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -301,7 +301,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     return _reduce(per_row, reduction, all_texts.world_size, all_texts.rows.shape[0])
 
 
-def _one_pair_as_batch(x1, x2, target):
+def _one_pair_as_batch(x1: Any, x2: Any, target: Any) -> Tuple[Any, Any, Any]:
     """A single pair x1 (D,), x2 (D,), target 0-d (or (1,)) as a batch of one; anything else as
     given, for the checks."""
     if not (isinstance(x1, Tensor) and x1.dim() == 1):
@@ -314,7 +314,7 @@ def _one_pair_as_batch(x1, x2, target):
     return x1[None], x2[None], target
 
 
-def _check_signs(target, rows: int, device: torch.device) -> None:
+def _check_signs(target: Any, rows: int, device: torch.device) -> None:
     """``target``: a real tensor of shape (rows,) on ``device`` holding only 1 and -1."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of shape ({rows},) holding 1 or -1, got "

@@ -136,8 +136,8 @@ def _first_order_only(primitive: str, grads: tuple) -> tuple:
         f"double backward through fused_losses.{primitive} is not supported: its backward kernels "
         f"are not differentiable (a gradient taken with create_graph=True, then differentiated "
         f"again). Use fused_losses.reference for higher-order gradients.", len(present))
-    recorded = error(*[grad.detach().requires_grad_() for grad in present])
-    recorded = iter((recorded,) if isinstance(recorded, Tensor) else recorded)
+    outputs = error(*[grad.detach().requires_grad_() for grad in present])
+    recorded = iter((outputs,) if isinstance(outputs, Tensor) else outputs)
     return tuple(None if grad is None else next(recorded) for grad in grads)
 
 

@@ -39,7 +39,7 @@ def _check_world(rank: int, world_size: int) -> None:
 _HOROVOD = "use_horovod=True with world_size > 1"
 
 
-def _check_options(flags: dict, rank, world_size, backend: str) -> None:
+def _check_options(flags: Dict[str, object], rank: int, world_size: int, backend: str) -> None:
     """Constructor options: ``flags`` bools, rank in [0, world_size), a known backend."""
     for name, value in flags.items():
         check.check_flag(name, value)
