@@ -156,7 +156,7 @@ def test_bad_labels_raise(kwargs, error, match):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_backend_without_the_label_mask_raises_naming_the_option(monkeypatch, backend):
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
     with pytest.raises(FeatureUnsupported, match=rf"backend='{backend}' does not implement a label "
                        r"mask \(row_labels / col_labels of similarity_lse\); backends that do: torch"):
         backends.select_backend(backend, torch.device("cuda"), {LABEL_MASK})
@@ -170,7 +170,7 @@ def test_feature_unsupported_is_a_backend_unavailable_and_not_implemented_error(
 
 def test_auto_skips_backends_without_a_needed_feature(monkeypatch):
     """auto takes the first backend in its order that runs here and implements the features."""
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
     cuda = torch.device("cuda")
     assert backends.select_backend("auto", cuda) == "triton"
     assert backends.select_backend("auto", cuda, {LABEL_MASK}) == "torch"

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
+from fused_losses.backends.triton import interpreter_warnings_silenced
 from fused_losses.backends.triton.gradient import GRADIENT_STRATEGIES, GradientOptions
 from fused_losses.backends.triton.lse import lse_backward, lse_forward
 from fused_losses.backends.triton.operands import Similarity, as_stat, device_guard
@@ -37,7 +38,7 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         diag_offset: Optional[int], want_rows: bool, want_cols: bool,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return lse_forward(sim, want_rows, want_cols)
 
@@ -46,7 +47,7 @@ class TritonKernels:
         diag_offset: Optional[int], lse_row: Optional[Tensor], lse_col: Optional[Tensor],
         grad_row: Optional[Tensor], grad_col: Optional[Tensor],
     ) -> Tuple[Tensor, Tensor]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self._gradient_options)
 
@@ -54,7 +55,7 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int],
     ) -> Tensor:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return softplus_forward(sim, as_stat(bias))
 
@@ -62,6 +63,6 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int], grad_row: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return softplus_backward(sim, as_stat(bias), grad_row, self._gradient_options)

@@ -9,9 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fused_losses.backends.triton import launch
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fused_losses.backends.triton import SUPPORTED_DTYPES, launch
 # The kernels compute feature offsets (feature index x feature stride) in int32.
 MAX_INT32 = 2**31 - 1
 
