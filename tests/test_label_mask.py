@@ -156,7 +156,7 @@ def test_bad_labels_raise(kwargs, error, match):
 
 
 def test_backend_without_the_label_mask_raises_naming_the_option(monkeypatch):
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
     monkeypatch.setattr(backends._module("cuda"), "FEATURES", frozenset())
     with pytest.raises(FeatureUnsupported, match=r"backend='cuda' does not implement a label "
                        r"mask \(row_labels / col_labels of similarity_lse\); backends that do: triton, torch"):
@@ -171,7 +171,7 @@ def test_feature_unsupported_is_a_backend_unavailable_and_not_implemented_error(
 
 def test_auto_skips_backends_without_a_needed_feature(monkeypatch):
     """auto takes the first backend in its order that runs here and implements the features."""
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
     cuda = torch.device("cuda")
     assert backends.select_backend("auto", cuda, {LABEL_MASK}) == "triton"
     monkeypatch.setattr(backends._module("triton"), "FEATURES", frozenset())

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from fused_losses.backends.base import LabelMask
+from fused_losses.backends.triton import interpreter_warnings_silenced
 from fused_losses.backends.triton.gradient import GRADIENT_STRATEGIES, GradientOptions
 from fused_losses.backends.triton.lse import lse_backward, lse_forward
 from fused_losses.backends.triton.operands import Similarity, as_stat, device_guard
@@ -39,7 +40,7 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         diag_offset: Optional[int], want_rows: bool, want_cols: bool, label_mask: Optional[LabelMask] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
             return lse_forward(sim, want_rows, want_cols)
 
@@ -48,7 +49,7 @@ class TritonKernels:
         diag_offset: Optional[int], lse_row: Optional[Tensor], lse_col: Optional[Tensor],
         grad_row: Optional[Tensor], grad_col: Optional[Tensor], label_mask: Optional[LabelMask] = None,
     ) -> Tuple[Tensor, Tensor]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
             return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self._gradient_options)
 
@@ -56,7 +57,7 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int],
     ) -> Tensor:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return softplus_forward(sim, as_stat(bias))
 
@@ -64,6 +65,6 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int], grad_row: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return softplus_backward(sim, as_stat(bias), grad_row, self._gradient_options)

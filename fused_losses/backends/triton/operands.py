@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 from fused_losses.backends.base import LabelMask
-from fused_losses.backends.triton import launch
+from fused_losses.backends.triton import SUPPORTED_DTYPES, launch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LABEL_DTYPES = (torch.int32, torch.int64)
 # The kernels compute feature offsets (feature index x feature stride) in int32.
 MAX_INT32 = 2**31 - 1
