@@ -23,7 +23,7 @@ INTERPRETER_ENV = "TRITON_INTERPRET"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
-FEATURES = frozenset()
+FEATURES: frozenset[str] = frozenset()
 
 
 def interpreter_active() -> bool:
