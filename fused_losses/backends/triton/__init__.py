@@ -19,11 +19,13 @@ from typing import Optional
 
 import torch
 
+from fused_losses.backends.base import LABEL_MASK
+
 INTERPRETER_ENV = "TRITON_INTERPRET"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
-FEATURES: frozenset[str] = frozenset()
+# Optional features of the contract (fused_losses.backends.base) implemented here.
+FEATURES = frozenset({LABEL_MASK})
 
 
 def interpreter_active() -> bool:
