@@ -26,7 +26,7 @@ MIN_SHARED_MEMORY_PER_BLOCK = 106 * 1024
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
-FEATURES = frozenset()
+FEATURES: frozenset[str] = frozenset()
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
