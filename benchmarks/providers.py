@@ -80,7 +80,7 @@ def open_clip_loss(case: Case) -> Callable[..., torch.Tensor]:
                                       parameters["logit_scale"], parameters["logit_bias"])
 
 
-def open_clip_unavailable(device: torch.device) -> Optional[str]:
+def open_clip_unavailable(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     return _not_installed("open_clip")
 
 
@@ -108,7 +108,7 @@ def inf_cl_loss(case: Case) -> Callable[..., torch.Tensor]:
     return symmetric
 
 
-def inf_cl_unavailable(device: torch.device) -> Optional[str]:
+def inf_cl_unavailable(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     if device.type != "cuda":
         return "Inf-CL's Triton kernels use inline PTX: CUDA only"
     return _not_installed("inf_cl")
@@ -129,7 +129,7 @@ def pml_loss(case: Case) -> Callable[..., torch.Tensor]:
     return paired
 
 
-def pml_unavailable(device: torch.device) -> Optional[str]:
+def pml_unavailable(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     return _not_installed("pml")
 
 

@@ -27,6 +27,7 @@ from fused_losses.benchmarking import (
     DTYPES, LOSSES, MODES, PARITY_TOLERANCE, Sweep, get_provider, providers_of, run_max_batch, run_sweep,
     write_records,
 )
+from fused_losses.cli import positive_int
 from fused_losses.cli.progress import ProgressBar
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
@@ -65,13 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=list(PRESETS) + list(PRESET_GROUPS),
                         help="named defaults; a group runs its presets one after another")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=["clip"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1024, 4096], help="N = M")
-    parser.add_argument("--dims", nargs="+", type=int, default=[512], help="D")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1024, 4096], help="N = M")
+    parser.add_argument("--dims", nargs="+", type=positive_int, default=[512], help="D")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
     parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=ALL_PROVIDERS)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at least")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per measurement, at least")
     parser.add_argument("--budget-ms", type=float, default=0.0,
                         help="more timed calls while their total is under this (at most 100)")
     parser.add_argument("--slow-limit-s", type=float, default=None,
@@ -83,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="start no new point after this many seconds")
     parser.add_argument("--max-batch", action="store_true",
                         help="search each provider's largest N instead of timing a grid")
-    parser.add_argument("--start", type=int, default=4096, help="max batch: first N tried")
-    parser.add_argument("--cap", type=int, default=2**19, help="max batch: largest N tried")
-    parser.add_argument("--granularity", type=int, default=1024, help="max batch: precision of the bisection")
+    parser.add_argument("--start", type=positive_int, default=4096, help="max batch: first N tried")
+    parser.add_argument("--cap", type=positive_int, default=2**19, help="max batch: largest N tried")
+    parser.add_argument("--granularity", type=positive_int, default=1024, help="max batch: precision of the bisection")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser
 
@@ -132,15 +133,8 @@ def run_one(args: argparse.Namespace, name: str) -> bool:
     out = out_dir / f"{name}_{time.strftime('%Y%m%d_%H%M%S')}.jsonl"
     deadline = None if args.time_limit_s is None else time.monotonic() + args.time_limit_s
     total, records = _records(args, providers, deadline)
-    written: List[dict] = []
-
-    def kept(stream):
-        for record in stream:
-            written.append(record)
-            yield record
-
     with ProgressBar(total, name) as bar:
-        write_records(kept(records(bar.advance)), str(out))
+        written = write_records(records(bar.advance), str(out))
     print(markdown(written), flush=True)
     for line in _warnings(written):
         print(line, flush=True)

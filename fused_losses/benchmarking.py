@@ -34,6 +34,8 @@ from fused_losses import backends, functional, reference
 
 MODES = ("forward", "backward", "forward_backward")
 LOSSES = ("clip", "siglip", "info_nce", "nt_xent", "supcon", "npairs")
+# The losses scoring N queries against M keys; the others score N x N (their m is n).
+KEYED_LOSSES = ("info_nce",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -74,9 +76,10 @@ class Provider:
     """A way to compute the benchmark losses.
 
     ``loss_function(case)`` returns f with f(*loss_inputs(case)) the loss ``case.loss`` under
-    LOSS_PARAMETERS as a 0-d tensor; ``unavailable_reason(device)`` is None when the provider runs
-    on ``device``, else why not and how to fix it. Both must be module-level functions or partials
-    of them: the provider is pickled into the child process that measures CPU memory.
+    LOSS_PARAMETERS as a 0-d tensor; ``unavailable_reason(device, dtype=None)`` is None when the
+    provider runs on ``device`` (with ``dtype`` inputs, when given), else why not and how to fix
+    it. Both must be module-level functions or partials of them: the provider is pickled into the
+    child process that measures CPU memory.
     ``semantics`` says how its loss differs from ``fused_losses.reference``; ``distribution`` is
     the installed package whose version the records carry.
     """
@@ -84,7 +87,7 @@ class Provider:
     name: str
     losses: Tuple[str, ...]
     loss_function: Callable[[Case], Callable[..., torch.Tensor]]
-    unavailable_reason: Callable[[torch.device], Optional[str]]
+    unavailable_reason: Callable[..., Optional[str]]
     semantics: str = "same as fused_losses.reference"
     distribution: Optional[str] = None
 
@@ -104,7 +107,7 @@ def _fused_losses_loss(backend: Optional[str], case: Case) -> Callable[..., torc
                              **LOSS_PARAMETERS[case.loss], **options)
 
 
-def runs_anywhere(device: torch.device) -> Optional[str]:
+def runs_anywhere(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     return None
 
 
@@ -145,7 +148,7 @@ def loss_inputs(case: Case) -> Tuple[torch.Tensor, ...]:
     if case.loss == "supcon":
         classes = max(2, case.n // 4)
         return embeddings(case.n), torch.randint(0, classes, (case.n,), generator=generator, device=device)
-    return embeddings(case.n), embeddings(case.m if case.loss == "info_nce" else case.n)
+    return embeddings(case.n), embeddings(case.m if case.loss in KEYED_LOSSES else case.n)
 
 
 def loss_and_inputs(case: Case) -> Tuple[Callable, Callable[[], Tuple[torch.Tensor, ...]]]:
@@ -414,6 +417,13 @@ class Sweep:
     check_parity: bool = False
     slow_limit_s: Optional[float] = None
 
+    def __post_init__(self):
+        ignoring = [loss for loss in self.losses if loss not in KEYED_LOSSES]
+        if self.keys is not None and ignoring:
+            raise ValueError(f"keys (M, the rows of the keys) is used by {', '.join(KEYED_LOSSES)} "
+                             f"only, not by {', '.join(ignoring)}, which score N x N: leave it out "
+                             f"or measure {', '.join(KEYED_LOSSES)} alone")
+
     def series(self) -> Iterator[Tuple[str, str, int]]:
         """(loss, dtype, d) of each series."""
         return itertools.product(self.losses, self.dtypes, self.dims)
@@ -600,14 +610,14 @@ def run_max_batch(losses: Sequence[str], dtypes: Sequence[str], dims: Sequence[i
             advance(f"{loss} {dtype} d={d} {provider}")
 
 
-def write_records(records: Iterable[dict], path: str) -> int:
-    """Append ``records`` to the JSON lines file ``path``, flushing each; return how many."""
-    written = 0
+def write_records(records: Iterable[dict], path: str) -> List[dict]:
+    """Append ``records`` to the JSON lines file ``path``, flushing each; return them."""
+    written = []
     with open(path, "a") as sink:
         for record in records:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-            written += 1
+            written.append(record)
     return written
 
 
@@ -620,10 +630,22 @@ def read_records(paths: Iterable[str]) -> List[dict]:
     latest: Dict[tuple, dict] = {}
     for path in paths:
         with open(path) as source:
-            for line in source:
+            for number, line in enumerate(source, 1):
                 if line.strip():
-                    record = json.loads(line)
+                    record = _parse_record(line, f"{path}:{number}")
                     key = tuple(record.get(field) for field in RECORD_KEY)
                     latest.pop(key, None)
                     latest[key] = record
     return list(latest.values())
+
+
+def _parse_record(line: str, where: str) -> dict:
+    """The record on ``line``; ValueError naming ``where`` if the line is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not a benchmark record (JSON lines): {error}") from None
+    if not isinstance(record, dict) or not set(RECORD_KEY) <= record.keys():
+        raise ValueError(f"{where} is not a benchmark record: a JSON object with the fields "
+                         f"{', '.join(RECORD_KEY)} was expected")
+    return record

@@ -4,7 +4,8 @@ Every loss that scores pairs takes ``gather_distributed=False`` and ``process_gr
 gathering on, each of the W ranks scores its *local* rows against the rows of *all* ranks (what
 open_clip calls the "local loss"): the keys / columns are all-gathered with
 torch.distributed.nn.functional.all_gather, whose backward sends every rank's gradient for a
-gathered row back to the row's owner and sums it there. Ranks may hold different batch sizes.
+gathered row back to the row's owner and sums it there. Ranks may hold different batch sizes,
+and some may hold none (their loss is 0 and they still take part in the collectives).
 The global batch is the concatenation of the ranks' batches in rank order.
 
 Reductions: the per-rank loss L_r is scaled so that the mean of L_r over the ranks is the loss of
@@ -93,11 +94,17 @@ def world_size(gather_distributed: bool, process_group=None) -> int:
 
 
 def row_counts(x: Tensor, process_group=None) -> List[int]:
-    """Number of rows of ``x`` on every rank of the group (one small all_gather)."""
+    """Number of rows of ``x`` on every rank of the group (one small all_gather). A rank may hold
+    none; if all do, every rank raises the same ValueError (none is left waiting in a collective)."""
     local = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(counts, local, group=process_group)
-    return torch.cat(counts).tolist()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, local, group=process_group)
+    counts: List[int] = torch.cat(gathered).tolist()
+    if sum(counts) == 0:
+        raise ValueError(f"the global batch is empty: every one of the {len(counts)} ranks passed "
+                         f"0 rows (shape {tuple(x.shape)} here); a rank may hold no rows, but "
+                         f"not all of them")
+    return counts
 
 
 def _quietly(autograd_collective, *args, **kwargs):

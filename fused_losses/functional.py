@@ -3,7 +3,9 @@
 Every loss is computed without an N x M matrix: the log-sum-exp (or softplus) statistics come from
 ``fused_losses.primitives`` on the chosen backend; the positive terms are row dots of normalized
 embeddings in the statistics dtype (float32 even for fp16 / bf16 inputs, float64 for float64), and
-autograd differentiates them. Losses are returned in that statistics dtype.
+autograd differentiates them. Losses are returned in that statistics dtype. Every loss here is >= 0
+exactly; a value that rounding puts below zero (a log-sum-exp and a positive logit rounded
+differently) is returned as 0, with the gradient of the computed loss unchanged.
 
 Common keyword arguments: ``normalize`` (L2-normalize the embeddings first, gradient taken through
 the normalization), ``reduction`` ("mean" | "sum" | "none"), ``backend`` ("auto" | "triton" |
@@ -15,9 +17,8 @@ gradient semantics described in ``fused_losses.distributed``.
 
 from __future__ import annotations
 
-import numbers
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,22 @@ from fused_losses.primitives import (
 
 
 def check_loss_options(normalize: bool, reduction: str, backend: str, gather_distributed: bool = False,
-                   process_group: Optional[ProcessGroup] = None) -> None:
+                       process_group: Optional[ProcessGroup] = None) -> bool:
+    """Check the options every pair loss takes; return whether this call gathers over more than
+    one rank (then this rank may hold no rows, as long as the global batch has some)."""
     check.check_flag("normalize", normalize)
     check.check_reduction(reduction)
     check.check_backend(backend)
     distributed.check_options(gather_distributed, process_group)
+    return distributed.world_size(gather_distributed, process_group) > 1
+
+
+def check_l2_reg(l2_reg: float) -> None:
+    check.check_real("l2_reg", l2_reg, "a finite float >= 0", lambda v: 0 <= v < math.inf)
+
+
+def check_margin(margin: float) -> None:
+    check.check_real("margin", margin, "a float in [-1, 1]", lambda v: -1 <= v <= 1)
 
 
 def _reduce(per_item: Tensor, reduction: str, world_size: int = 1,
@@ -55,20 +67,31 @@ def _reduce(per_item: Tensor, reduction: str, world_size: int = 1,
     return total / global_count
 
 
+def nonnegative(loss: Tensor) -> Tensor:
+    """``loss``, exactly >= 0 in exact arithmetic, with what rounding put below zero set to 0. The
+    gradient stays that of ``loss`` (the true loss's, which is not 0 there); NaN stays NaN."""
+    return torch.where(loss < 0, loss - loss.detach(), loss)
+
+
 def _embed(x: Tensor, normalize: bool) -> Tensor:
     """x in its statistics dtype, L2-normalized like the primitives when ``normalize``."""
     x = x.to(statistics_dtype(x.dtype))
     return F.normalize(x, dim=1, eps=DEFAULT_EPS) if normalize else x
 
 
-def _inverse_temperature(name: str, temperature: Scalar, like: Tensor) -> Tensor:
-    check.check_positive_scalar(name, temperature, like.device)
-    return as_scalar_tensor(temperature, statistics_dtype(like.dtype), like.device).reciprocal()
+def inverse_temperature(name: str, temperature: Scalar, like: Tensor) -> Tensor:
+    """1 / temperature (argument ``name``) as a 0-d tensor of the statistics dtype of ``like``,
+    checked in that dtype (TypeError / ValueError)."""
+    dtype = statistics_dtype(like.dtype)
+    check.check_positive_scalar(name, temperature, like.device, dtype, reciprocal=True)
+    return as_scalar_tensor(temperature, dtype, like.device).reciprocal()
 
 
 def _scale(name: str, value: Scalar, like: Tensor) -> Tensor:
-    check.check_positive_scalar(name, value, like.device)
-    return as_scalar_tensor(value, statistics_dtype(like.dtype), like.device)
+    """``value`` as a 0-d tensor of the statistics dtype of ``like``, checked there."""
+    dtype = statistics_dtype(like.dtype)
+    check.check_positive_scalar(name, value, like.device, dtype)
+    return as_scalar_tensor(value, dtype, like.device)
 
 
 def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, scale: Tensor,
@@ -76,8 +99,9 @@ def _smoothed_cross_entropy(lse: Tensor, positive: Tensor, u: Tensor, scale: Ten
     """Per-row torch cross-entropy semantics: lse_i - (1 - e) S_i,t - e mean_j S_ij, with
     ``key_mean()`` the mean (D,) of the rows' embedded keys (called only when e > 0)."""
     if label_smoothing == 0:
-        return lse - positive
-    return lse - (1 - label_smoothing) * positive - label_smoothing * scale * (u @ key_mean())
+        return nonnegative(lse - positive)
+    return nonnegative(lse - (1 - label_smoothing) * positive
+                        - label_smoothing * scale * (u @ key_mean()))
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar, *, normalize: bool = True,
@@ -92,9 +116,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar
     split by rank (the numbers of open_clip's local loss with gradients), computed by scoring
     this rank's images against every rank's texts once (``distributed.symmetric_lse``).
     """
+    across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_compatible("image_features", image_features, "text_features", text_features,
-                           same_rows=True)
-    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+                           same_rows=True, allow_empty_rows=across_ranks)
     check.check_label_smoothing(label_smoothing)
     scale = _scale("logit_scale", logit_scale, image_features)
     stats = distributed.symmetric_lse(image_features, text_features, scale, normalize=normalize,
@@ -139,8 +163,8 @@ def info_nce(query: Tensor, keys: Tensor, temperature: Scalar = 0.07, *, targets
     indices into keys, default arange(N) (then M >= N is required). gather_distributed: this
     rank's queries against every rank's keys; targets still index this rank's keys.
     """
-    check.check_compatible("query", query, "keys", keys, same_rows=False)
-    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+    across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+    check.check_compatible("query", query, "keys", keys, same_rows=False, allow_empty_rows=across_ranks)
     check.check_label_smoothing(label_smoothing)
     n, m = query.shape[0], keys.shape[0]
     if targets is None:
@@ -148,8 +172,8 @@ def info_nce(query: Tensor, keys: Tensor, temperature: Scalar = 0.07, *, targets
             raise ValueError(f"keys must have at least as many rows as query when targets is None "
                              f"(the positive of query i is keys[i]), got {m} keys for {n} queries")
     else:
-        check.check_class_indices("targets", targets, n, query.device, num_classes=m)
-    scale = _inverse_temperature("temperature", temperature, query)
+        targets = check.class_indices("targets", targets, n, query.device, num_classes=m)
+    scale = inverse_temperature("temperature", temperature, query)
     per_query, world_size, global_queries = _info_nce_per_query(
         query, keys, scale, targets, label_smoothing, normalize, backend, gather_distributed,
         process_group)
@@ -165,9 +189,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
     z1, z2: (N, D). reduction="none" gives (2N,) in the order of Z. gather_distributed: this
     rank's 2N views against the views of every rank (pairs never span ranks).
     """
-    check.check_compatible("z1", z1, "z2", z2, same_rows=True)
-    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
-    scale = _inverse_temperature("temperature", temperature, z1)
+    across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+    check.check_compatible("z1", z1, "z2", z2, same_rows=True, allow_empty_rows=across_ranks)
+    scale = inverse_temperature("temperature", temperature, z1)
     views = torch.cat([z1, z2])
     # Gathered rank by rank, every rank's views sit contiguously: self is at the rank's offset.
     all_views = distributed.gather_rows(views, gather_distributed, process_group)
@@ -176,7 +200,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
     u = _embed(views, normalize)
     partners = torch.cat([u[z1.shape[0]:], u[: z1.shape[0]]])
     positive = scale * (u * partners).sum(dim=1)
-    return _reduce(lse_row - positive, reduction, all_views.world_size, all_views.rows.shape[0])
+    return _reduce(nonnegative(lse_row - positive), reduction, all_views.world_size, all_views.rows.shape[0])
 
 
 def _class_sums(u: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -203,10 +227,10 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, 
     0 for them, "mean" averages over the others (0 when there are none). gather_distributed: this
     rank's anchors against the features and labels of every rank.
     """
-    check.check_embeddings("features", features)
-    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
-    check.check_class_indices("labels", labels, features.shape[0], features.device)
-    scale = _inverse_temperature("temperature", temperature, features)
+    across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+    check.check_embeddings("features", features, allow_empty_rows=across_ranks)
+    labels = check.class_indices("labels", labels, features.shape[0], features.device)
+    scale = inverse_temperature("temperature", temperature, features)
     gathered = distributed.gather_rows(features, gather_distributed, process_group)
     all_labels = distributed.gather_rows(labels, gather_distributed, process_group,
                                          counts=gathered.row_counts).rows
@@ -220,7 +244,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, 
     has_positive = positives > 0
     positive_mean = (scale * (u * (class_sum[anchors] - u)).sum(dim=1)
                      / positives[anchors].clamp(min=1))
-    per_anchor = torch.where(has_positive[anchors], lse_row - positive_mean,
+    per_anchor = torch.where(has_positive[anchors], nonnegative(lse_row - positive_mean),
                              torch.zeros_like(lse_row))
     if reduction == "mean":
         return gathered.world_size * per_anchor.sum() / has_positive.sum().clamp(min=1)
@@ -238,12 +262,11 @@ def npairs_loss(anchors: Tensor, positives: Tensor, *, temperature: Scalar = 1.0
     Sohn's inner-product form. gather_distributed: this rank's anchors against every rank's
     positives.
     """
-    if isinstance(l2_reg, bool) or not isinstance(l2_reg, numbers.Real) or not (
-            math.isfinite(l2_reg) and l2_reg >= 0):
-        raise ValueError(f"l2_reg must be a finite float >= 0, got {l2_reg!r}")
-    check.check_compatible("anchors", anchors, "positives", positives, same_rows=True)
-    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
-    scale = _inverse_temperature("temperature", temperature, anchors)
+    check_l2_reg(l2_reg)
+    across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+    check.check_compatible("anchors", anchors, "positives", positives, same_rows=True,
+                           allow_empty_rows=across_ranks)
+    scale = inverse_temperature("temperature", temperature, anchors)
     per_anchor, world_size, global_anchors = _info_nce_per_query(
         anchors, positives, scale, None, 0.0, normalize, backend, gather_distributed, process_group)
     if l2_reg > 0:
@@ -263,19 +286,49 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     gather_distributed: this rank's images against every rank's texts (open_clip's SigLipLoss
     exchanges the texts between neighbours to the same effect).
     """
+    across_ranks = check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
     check.check_compatible("image_features", image_features, "text_features", text_features,
-                           same_rows=True)
-    check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
+                           same_rows=True, allow_empty_rows=across_ranks)
     scale = _scale("logit_scale", logit_scale, image_features)
-    check.check_finite_scalar("logit_bias", logit_bias, image_features.device)
+    check.check_finite_scalar("logit_bias", logit_bias, image_features.device, scale.dtype)
     bias = as_scalar_tensor(logit_bias, scale.dtype, image_features.device)
     all_texts = distributed.gather_rows(text_features, gather_distributed, process_group)
     softplus_row = softplus_statistics(image_features, all_texts.rows, scale, bias,
                                        normalize=normalize, backend=backend)
     u, v = _embed(image_features, normalize), _embed(text_features, normalize)
     # -logsigmoid(z) = softplus(-z) = softplus(z) - z: the positive pair's softplus is in the sum.
-    per_row = softplus_row - (scale * (u * v).sum(dim=1) + bias)
+    per_row = nonnegative(softplus_row - (scale * (u * v).sum(dim=1) + bias))
     return _reduce(per_row, reduction, all_texts.world_size, all_texts.rows.shape[0])
+
+
+def _one_pair_as_batch(x1: Any, x2: Any, target: Any) -> Tuple[Any, Any, Any]:
+    """A single pair x1 (D,), x2 (D,), target 0-d (or (1,)) as a batch of one; anything else as
+    given, for the checks."""
+    if not (isinstance(x1, Tensor) and x1.dim() == 1):
+        return x1, x2, target
+    if not (isinstance(x2, Tensor) and x2.dim() == 1):
+        raise ValueError(f"x1 and x2 must both be (N, D) or both (D,) (one pair), got x1 of shape "
+                         f"{tuple(x1.shape)} and x2 {check.describe(x2)}")
+    if isinstance(target, Tensor) and target.numel() == 1 and target.dim() <= 1:
+        target = target.reshape(1)
+    return x1[None], x2[None], target
+
+
+def _check_signs(target: Any, rows: int, device: torch.device) -> None:
+    """``target``: a real tensor of shape (rows,) on ``device`` holding only 1 and -1."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor of shape ({rows},) holding 1 or -1, got "
+                        f"{check.describe(target)}")
+    check.check_dense("target", target)
+    if target.dtype.is_complex:
+        raise TypeError(f"target must be a real tensor holding 1 or -1, got {target.dtype}")
+    if tuple(target.shape) != (rows,):
+        raise ValueError(f"target must be a tensor of shape ({rows},) holding 1 or -1, got shape "
+                         f"{tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target must be on {device} like x1, got {target.device}")
+    if not torch.compiler.is_compiling() and not bool(((target == 1) | (target == -1)).all()):
+        raise ValueError(f"target must hold only 1 or -1, got values {target.unique().tolist()}")
 
 
 def cosine_embedding_loss(x1: Tensor, x2: Tensor, target: Tensor, margin: float = 0.0,
@@ -283,26 +336,17 @@ def cosine_embedding_loss(x1: Tensor, x2: Tensor, target: Tensor, margin: float 
     """torch.nn.functional.cosine_embedding_loss in one pass over the rows (no N x N):
     1 - cos(x1_i, x2_i) where target_i = 1, max(0, cos - margin) where target_i = -1.
 
-    x1, x2: (N, D) or (D,); target: (N,) (or 0-d) of +1 / -1.
+    x1, x2: (N, D), target (N,); or one pair: x1, x2 (D,), target 0-d.
     """
     single = isinstance(x1, Tensor) and x1.dim() == 1
-    if single:
-        x1, x2 = x1[None], x2[None] if isinstance(x2, Tensor) else x2
-        target = target.reshape(1) if isinstance(target, Tensor) else target
+    x1, x2, target = _one_pair_as_batch(x1, x2, target)
     check.check_compatible("x1", x1, "x2", x2, same_rows=True)
     check.check_reduction(reduction)
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not -1 <= margin <= 1:
-        raise ValueError(f"margin must be a float in [-1, 1], got {margin!r}")
-    if not isinstance(target, Tensor) or tuple(target.shape) != (x1.shape[0],):
-        raise ValueError(f"target must be a tensor of shape ({x1.shape[0]},) holding 1 or -1, got "
-                         f"{tuple(target.shape) if isinstance(target, Tensor) else target!r}")
-    if target.device != x1.device:
-        raise ValueError(f"target must be on {x1.device} like x1, got {target.device}")
-    if not torch.compiler.is_compiling() and not bool(((target == 1) | (target == -1)).all()):
-        raise ValueError(f"target must hold only 1 or -1, got values {target.unique().tolist()}")
+    check_margin(margin)
+    _check_signs(target, x1.shape[0], x1.device)
     a, b = _embed(x1, False), _embed(x2, False)
     cosine = (a * b).sum(dim=1) / ((a.square().sum(dim=1) + 1e-12) * (b.square().sum(dim=1) + 1e-12)).sqrt()
-    per_pair = torch.where(target == 1, 1 - cosine, (cosine - margin).clamp(min=0))
+    per_pair = torch.where(target == 1, nonnegative(1 - cosine), (cosine - margin).clamp(min=0))
     if single and reduction == "none":
         return per_pair[0]
     return _reduce(per_pair, reduction)

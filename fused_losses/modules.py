@@ -24,10 +24,12 @@ def _check_constructor_options(normalize: bool, reduction: str, backend: str,
                                gather_distributed: bool = False,
                                process_group: Optional[ProcessGroup] = None,
                                temperature: Optional[Scalar] = None) -> None:
-    """Fail at construction, not at the first forward, on options that are wrong already."""
+    """Fail at construction, not at the first forward, on options that are wrong already. A
+    temperature (float or tensor) is checked for float64 math here; forward checks it again, in
+    the dtype the inputs' loss is computed in."""
     functional.check_loss_options(normalize, reduction, backend, gather_distributed, process_group)
-    if temperature is not None and not isinstance(temperature, Tensor):
-        check.check_positive_scalar("temperature", temperature, torch.device("cpu"))
+    if temperature is not None:
+        check.check_positive_scalar("temperature", temperature, None, reciprocal=True)
 
 
 class _LearnableLogitScale(nn.Module):
@@ -39,13 +41,21 @@ class _LearnableLogitScale(nn.Module):
 
     def __init__(self, init_scale: float, max_scale: float):
         super().__init__()
-        if not (math.isfinite(init_scale) and 0 < init_scale <= max_scale):
-            raise ValueError(f"init logit scale must be in (0, max_logit_scale={max_scale}], got {init_scale!r}")
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.max_log_scale = math.log(max_scale)
 
     def forward(self) -> Tensor:
         return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+
+def _learnable_logit_scale(learn: bool, init_scale: float,
+                           max_scale: float) -> Optional[_LearnableLogitScale]:
+    """The module's own logit scale if ``learn``; the options are checked either way."""
+    check.check_flag("learn_logit_scale", learn)
+    check.check_real("max_logit_scale", max_scale, "a finite float > 0", lambda v: 0 < v < math.inf)
+    check.check_real("init_logit_scale", init_scale, f"a float in (0, max_logit_scale={max_scale}]",
+                     lambda v: 0 < v <= max_scale)
+    return _LearnableLogitScale(init_scale, max_scale) if learn else None
 
 
 def _scale_from(module: Union[ClipLoss, SigLipLoss], logit_scale: Optional[Scalar]) -> Scalar:
@@ -76,8 +86,8 @@ class ClipLoss(nn.Module):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group)
         check.check_label_smoothing(label_smoothing)
-        self.learnable_logit_scale = (
-            _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
+        self.learnable_logit_scale = _learnable_logit_scale(learn_logit_scale, init_logit_scale,
+                                                            max_logit_scale)
         self.normalize, self.label_smoothing = normalize, label_smoothing
         self.reduction, self.backend = reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -104,8 +114,10 @@ class SigLipLoss(nn.Module):
                  gather_distributed: bool = False, process_group: Optional[ProcessGroup] = None):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group)
-        self.learnable_logit_scale = (
-            _LearnableLogitScale(init_logit_scale, max_logit_scale) if learn_logit_scale else None)
+        check.check_real("init_logit_bias", init_logit_bias, "a finite float",
+                         lambda v: -math.inf < v < math.inf)
+        self.learnable_logit_scale = _learnable_logit_scale(learn_logit_scale, init_logit_scale,
+                                                            max_logit_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if learn_logit_scale else None
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -199,6 +211,7 @@ class NPairsLoss(nn.Module):
         super().__init__()
         _check_constructor_options(normalize, reduction, backend, gather_distributed, process_group,
                                    temperature)
+        functional.check_l2_reg(l2_reg)
         self.temperature, self.normalize, self.l2_reg = temperature, normalize, l2_reg
         self.reduction, self.backend = reduction, backend
         self.gather_distributed, self.process_group = gather_distributed, process_group
@@ -216,6 +229,7 @@ class CosineEmbeddingLoss(nn.Module):
 
     def __init__(self, margin: float = 0.0, reduction: str = "mean"):
         super().__init__()
+        functional.check_margin(margin)
         check.check_reduction(reduction)
         self.margin, self.reduction = margin, reduction
 

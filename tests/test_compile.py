@@ -12,6 +12,7 @@ from torch import nn
 
 import fused_losses as fl
 from fused_losses import primitives
+from fused_losses.integrations import lightly, open_clip
 
 
 class _Encoder(nn.Module):
@@ -82,6 +83,77 @@ def test_compiled_model_matches_eager(name, compiler):
         for parameter, want in want_grads.items():
             torch.testing.assert_close(got_grads[parameter], want, rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"gradient of {parameter}: {m}")
+
+
+def _signs(labels):
+    return 1 - 2 * (labels % 2)
+
+
+def _module_call(module, *arguments):
+    """``module`` (built once, so its float options are attributes dynamo sees as inputs) as a
+    function of (a, b, labels, scale), called with the ``arguments`` named among a, b, labels,
+    signs (+1 / -1 from the labels) and scale."""
+    def call(a, b, labels, scale):
+        given = dict(a=a, b=b, labels=labels, signs=_signs(labels), scale=scale)
+        return module(*[given[name] for name in arguments])
+    return call
+
+
+# Every loss, module and adapter that compiles to one graph, with Python-float options: defaults
+# and constructor values become symbolic floats under dynamic=True, and so do floats passed per
+# call (``scale``). The pytorch-metric-learning adapters count and pick pairs by label (control
+# flow and shapes that depend on values, as in pytorch-metric-learning) and cannot be one graph.
+FLOAT_OPTIONS = {
+    "clip_loss": lambda a, b, y, s: fl.clip_loss(a, b, s, label_smoothing=0.1, backend="torch"),
+    "siglip_loss": lambda a, b, y, s: fl.siglip_loss(a, b, s, -s / 2, backend="torch"),
+    "info_nce": lambda a, b, y, s: fl.info_nce(a, b, 1 / s, targets=y, label_smoothing=0.2,
+                                               backend="torch"),
+    "nt_xent": lambda a, b, y, s: fl.nt_xent(a, b, backend="torch"),
+    "supcon_loss": lambda a, b, y, s: fl.supcon_loss(a, y, backend="torch"),
+    "npairs_loss": lambda a, b, y, s: fl.npairs_loss(a, b, temperature=1 / s, l2_reg=0.01,
+                                                     backend="torch"),
+    "cosine_embedding_loss": lambda a, b, y, s: fl.cosine_embedding_loss(a, b, _signs(y),
+                                                                         margin=s / 100),
+    "similarity_lse": lambda a, b, y, s: fl.similarity_lse(a, b, s, cols=True, backend="torch")[1].sum(),
+    "similarity_softplus": lambda a, b, y, s: fl.similarity_softplus(a, b, s, 1.5, backend="torch").sum(),
+    "ClipLoss": _module_call(fl.ClipLoss(label_smoothing=0.1, backend="torch"), "a", "b", "scale"),
+    "SigLipLoss": _module_call(fl.SigLipLoss(learn_logit_scale=True, init_logit_bias=-3.0,
+                                             backend="torch"), "a", "b"),
+    "InfoNCELoss": _module_call(fl.InfoNCELoss(0.07, label_smoothing=0.1, backend="torch"),
+                                "a", "b", "labels"),
+    "NTXentLoss": _module_call(fl.NTXentLoss(backend="torch"), "a", "b"),
+    "SupConLoss": _module_call(fl.SupConLoss(backend="torch"), "a", "labels"),
+    "NPairsLoss": _module_call(fl.NPairsLoss(l2_reg=0.01, backend="torch"), "a", "b"),
+    "CosineEmbeddingLoss": _module_call(fl.CosineEmbeddingLoss(0.2), "a", "b", "signs"),
+    "open_clip.ClipLoss": _module_call(open_clip.ClipLoss(backend="torch"), "a", "b", "scale"),
+    "open_clip.SigLipLoss": _module_call(open_clip.SigLipLoss(backend="torch"), "a", "b", "scale",
+                                         "scale"),
+    "lightly.NTXentLoss": _module_call(lightly.NTXentLoss(backend="torch"), "a", "b"),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT_OPTIONS))
+def test_float_options_compile_to_one_dynamic_graph(name, gen):
+    """One graph (dynamo's trace, run as is: what AOT autograd makes of a graph is checked above)
+    for several batch sizes and float values, equal to eager."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    loss = FLOAT_OPTIONS[name]
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=counting_backend)
+    for rows, scale in ((6, 10.0), (9, 12.5), (11, 7.0)):
+        a = torch.randn(rows, 5, generator=gen, requires_grad=True)
+        b = torch.randn(rows, 5, generator=gen)
+        labels = torch.randint(0, 3, (rows,), generator=gen)
+        got, want = compiled(a, b, labels, scale), loss(a, b, labels, scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, a)[0],
+                                   rtol=1e-4, atol=1e-6)
+    assert len(graphs) == 1
 
 
 def test_custom_ops_pass_opcheck():

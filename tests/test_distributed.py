@@ -1,4 +1,5 @@
-"""Losses with gather_distributed=True on 2 and 3 CPU processes (gloo, uneven batches).
+"""Losses with gather_distributed=True on 2 and 3 CPU processes (gloo, uneven batches, one rank
+with no rows).
 
 One spawn per world size W runs every case on every rank and saves what each rank saw; the tests
 compare it here with one process computing the loss on the global batch (the ranks' batches
@@ -11,6 +12,7 @@ concatenated in rank order), under DDP's semantics (fused_losses.distributed):
 
 and, with even batches, with open_clip's ClipLoss / SigLipLoss and lightly's NTXentLoss running
 distributed on the same ranks (through fused_losses.integrations and the functional losses).
+A global batch with no rows at all raises the same error on every rank.
 """
 
 import contextlib
@@ -34,7 +36,7 @@ from fused_losses.integrations import lightly as fused_lightly
 from fused_losses.integrations import open_clip as fused_open_clip
 from tests import peers
 
-UNEVEN_ROWS = {2: [3, 5], 3: [4, 1, 3]}
+UNEVEN_ROWS = {2: [3, 5], 3: [4, 0, 1]}  # an empty rank: its loss is 0, it joins every collective
 EVEN_ROWS = 4
 DIM = 6
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
@@ -320,9 +322,34 @@ def _worker(rank, world_size, port, out_dir):
                 for loss in (ours, theirs))
         for name in DDP_MODELS:
             results["ddp"][name] = _ddp_grads(name, world_size, rank)
+        results["empty_global_batch"] = _empty_global_batch_error()
+        results["open_clip_local_loss_uneven"] = _open_clip_local_loss_error(rank, world_size)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _empty_global_batch_error() -> str:
+    """The error of a loss whose every rank holds 0 rows."""
+    nothing = torch.zeros(0, DIM, dtype=torch.float64)
+    try:
+        fl.nt_xent(nothing, nothing, gather_distributed=True)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def _open_clip_local_loss_error(rank, world_size) -> str:
+    """The error of open_clip's local loss without gathered gradients on the uneven batches."""
+    rows = UNEVEN_ROWS[world_size]
+    image = torch.split(_randn(torch.Generator().manual_seed(7), sum(rows), DIM), rows)[rank]
+    loss = fused_open_clip.ClipLoss(local_loss=True, gather_with_grad=False, rank=rank,
+                                    world_size=world_size)
+    try:
+        loss(image, image.flip(0), _scalar(10.0))
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 def _free_port():
@@ -369,6 +396,29 @@ def test_process_group_gathers_over_its_ranks_only(ranks):
     world_size, saved = ranks
     _assert_ddp_average_is_global(_global_cases(world_size)[SUBGROUP_CASE],
                                   [saved[rank]["subgroup"] for rank in SUBGROUP_RANKS], SUBGROUP_RANKS)
+
+
+def test_an_empty_global_batch_is_the_same_error_on_every_rank(ranks):
+    world_size, saved = ranks
+    errors = {rank_saved["empty_global_batch"] for rank_saved in saved}
+    assert errors == {f"the global batch is empty: every one of the {world_size} ranks passed 0 rows "
+                      f"(shape (0, {DIM}) here); a rank may hold no rows, but not all of them"}
+
+
+def test_open_clip_local_loss_without_gathered_gradients_needs_rows_on_every_rank(ranks):
+    world_size, saved = ranks
+    errors = {rank_saved["open_clip_local_loss_uneven"] for rank_saved in saved}
+    if 0 not in UNEVEN_ROWS[world_size]:
+        assert errors == {"no error"}
+    else:
+        assert errors == {f"local_loss=True with gather_with_grad=False averages each rank's own "
+                          f"rows, so every rank needs one; got row counts {UNEVEN_ROWS[world_size]}"}
+
+
+def test_one_process_refuses_an_empty_batch():
+    nothing = torch.zeros(0, DIM)
+    with pytest.raises(ValueError, match="z1 must have at least one row"):
+        fl.nt_xent(nothing, nothing, gather_distributed=True)
 
 
 @pytest.mark.parametrize("name", list(DDP_MODELS))
@@ -418,8 +468,8 @@ def test_clip_scores_once_and_gathers_only_the_texts(ranks):
     statistics = 3 * (2 * (world_size - 1) * sum(counts) * 8 // world_size)
     for rank, rank_saved in enumerate(saved):
         collectives, passes = rank_saved["communication"]
-        assert passes == {direction: [(counts[rank], sum(counts))]
-                          for direction in ("lse_forward", "lse_backward")}, f"rank {rank}"
+        scored = [(counts[rank], sum(counts))] if counts[rank] else []  # no rows: no kernel
+        assert passes == {direction: scored for direction in ("lse_forward", "lse_backward")}, f"rank {rank}"
         assert collectives["all_reduce"] == {"calls": 3, "bytes": statistics}, f"rank {rank}"
         assert sum(op["bytes"] for op in collectives.values()) == (
             2 * texts + row_counts + statistics), f"rank {rank}: {collectives}"

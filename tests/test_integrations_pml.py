@@ -312,3 +312,22 @@ def test_self_supervised_loss(gen, name, symmetric):
     theirs = pml_losses.SelfSupervisedLoss(getattr(pml_losses, name)(), symmetric=symmetric)
     views = [torch.randn(9, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
     assert_same(ours, theirs, views)
+
+
+# Through the triton backend (its interpreter without a GPU)
+
+
+@pytest.mark.parametrize("name,call", [("NTXentLoss", "ref_emb"), ("SupConLoss", "indices_tuple")])
+def test_label_masked_scoring_on_the_triton_backend(gen, name, call):
+    """NTXentLoss (positive pairs against their anchor's negatives) and SupConLoss with given
+    positive pairs score rows with the label-masked log-sum-exp: the triton kernels in float32."""
+    pytest.importorskip("triton")
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    ours, theirs = getattr(fused_pml, name)(backend="triton"), getattr(pml_losses, name)()
+    x, labels = torch.randn(37, 12, generator=gen), _labels(gen, 37, 5)
+    if call == "ref_emb":
+        reference = dict(ref_emb=torch.randn(23, 12, generator=gen), ref_labels=_labels(gen, 23, 5))
+        assert_same(ours, theirs, [x, labels], torch.float32, **reference)
+    else:
+        a1, p, a2, n = lmu.get_all_pairs_indices(labels)
+        assert_same(ours, theirs, [x, labels], torch.float32, indices_tuple=(a1[::2], p[::2], a2, n))

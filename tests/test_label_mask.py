@@ -1,6 +1,7 @@
 """The label mask of the log-sum-exp primitive (backends/base.py, LABEL_MASK): values and
 gradients against dense float64 on the torch backend, masked rows and columns, label dtypes, and
-the backend selection for calls that need it."""
+the backend selection for calls that need it. The triton backend's label mask is tested in
+tests/test_triton_backend.py."""
 
 import pytest
 import torch
@@ -154,13 +155,13 @@ def test_bad_labels_raise(kwargs, error, match):
 # Backend selection
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_backend_without_the_label_mask_raises_naming_the_option(monkeypatch, backend):
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
-    with pytest.raises(FeatureUnsupported, match=rf"backend='{backend}' does not implement a label "
-                       r"mask \(row_labels / col_labels of similarity_lse\); backends that do: torch"):
-        backends.select_backend(backend, torch.device("cuda"), {LABEL_MASK})
-    assert backends.select_backend(backend, torch.device("cuda")) == backend
+def test_backend_without_the_label_mask_raises_naming_the_option(monkeypatch):
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
+    monkeypatch.setattr(backends._module("cuda"), "FEATURES", frozenset())
+    with pytest.raises(FeatureUnsupported, match=r"backend='cuda' does not implement a label "
+                       r"mask \(row_labels / col_labels of similarity_lse\); backends that do: triton, torch"):
+        backends.select_backend("cuda", torch.device("cuda"), {LABEL_MASK})
+    assert backends.select_backend("cuda", torch.device("cuda")) == "cuda"
 
 
 def test_feature_unsupported_is_a_backend_unavailable_and_not_implemented_error():
@@ -170,8 +171,11 @@ def test_feature_unsupported_is_a_backend_unavailable_and_not_implemented_error(
 
 def test_auto_skips_backends_without_a_needed_feature(monkeypatch):
     """auto takes the first backend in its order that runs here and implements the features."""
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
     cuda = torch.device("cuda")
+    assert backends.select_backend("auto", cuda, {LABEL_MASK}) == "triton"
+    monkeypatch.setattr(backends._module("triton"), "FEATURES", frozenset())
+    monkeypatch.setattr(backends._module("cuda"), "FEATURES", frozenset())
     assert backends.select_backend("auto", cuda) == "triton"
     assert backends.select_backend("auto", cuda, {LABEL_MASK}) == "torch"
     monkeypatch.setattr(backends._module("cuda"), "FEATURES", frozenset({LABEL_MASK}))
@@ -185,8 +189,9 @@ def test_auto_without_any_backend_for_the_features(monkeypatch):
         backends.select_backend("auto", torch.device("cpu"), {LABEL_MASK})
 
 
-def test_label_mask_on_triton_raises_from_the_primitive():
+def test_label_mask_on_a_backend_without_it_raises_from_the_primitive(monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.setattr(backends._module("triton"), "FEATURES", frozenset())
     q, labels = torch.randn(4, 3), torch.arange(4)
     with pytest.raises(FeatureUnsupported, match="backend='triton' does not implement a label mask"):
         similarity_lse(q, q, row_labels=labels, col_labels=labels, backend="triton")

@@ -6,9 +6,11 @@ from typing import Callable, Dict
 
 import pytest
 import torch
+from pytorch_metric_learning.reducers import DoNothingReducer
 
 import fused_losses as fl
 from fused_losses import functional, reference
+from fused_losses.integrations import pytorch_metric_learning as pml
 
 REDUCTIONS = ("mean", "sum", "none")
 # Relative tolerance of each input dtype against the float64 reference of the same values.
@@ -258,3 +260,83 @@ def test_zero_upstream_gradient_gives_zero_gradients(backend, case):
     leaves = [v for v in inputs.values() if v.requires_grad]
     for grad in torch.autograd.grad(0 * loss, leaves):
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                  torch.uint32, torch.uint64]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_integer_targets_and_labels_of_any_dtype_are_class_indices(dtype):
+    """As in F.cross_entropy: uint8 targets once indexed as a boolean mask (a wrong loss, silently)
+    and int8 ones crashed inside."""
+    g = _generator()
+    q, k = _embeddings(6, 5, g), _embeddings(9, 5, g)
+    targets = torch.tensor([8, 0, 3, 3, 7, 1])
+    labels = torch.tensor([2, 0, 2, 1, 0, 1])
+    views = torch.tensor([1, 0, 2, 2, 0, 1])  # every label twice
+    pairs = [
+        (fl.info_nce(q, k, 0.1, targets=targets.to(dtype)), reference.info_nce(q, k, 0.1, targets=targets)),
+        (fl.InfoNCELoss(0.2)(q, k, targets.to(dtype)), reference.info_nce(q, k, 0.2, targets=targets)),
+        (fl.supcon_loss(q, labels.to(dtype)), reference.supcon_loss(q, labels)),
+        (fl.SupConLoss(0.3)(q, labels.to(dtype)), reference.supcon_loss(q, labels, 0.3)),
+    ]
+    for adapter, these in ((pml.NTXentLoss(0.3), views), (pml.SupConLoss(), labels), (pml.NPairsLoss(), labels)):
+        pairs.append((adapter(q, these.to(dtype)), adapter(q, these)))
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_losses_never_go_below_zero():
+    """Identical pairs at scale 100 in float32: the log-sum-exp and the positive logit round
+    differently (the losses went down to -5e-5). Every loss here is >= 0 exactly; the gradients
+    stay those of the float64 reference. (The correction is in the loss terms, the same for every
+    backend.)"""
+    backend = "torch"
+    g = _generator()
+    x = torch.randn(16, 64, generator=g)
+    near = x + 1e-4 * torch.randn(16, 64, generator=g)
+    classes = torch.arange(32) % 16
+    losses = {  # (lib, a) -> per-item losses
+        "clip": lambda lib, a: lib.clip_loss(a, x.to(a.dtype), 100.0, reduction="none", **lib.options),
+        "info_nce": lambda lib, a: lib.info_nce(a, x.to(a.dtype), 0.01, reduction="none", **lib.options),
+        "nt_xent": lambda lib, a: lib.nt_xent(a, x.to(a.dtype), 0.01, reduction="none", **lib.options),
+        "supcon": lambda lib, a: lib.supcon_loss(torch.cat([a, x.to(a.dtype)]), classes, 0.01,
+                                                 reduction="none", **lib.options),
+        "npairs": lambda lib, a: lib.npairs_loss(a, x.to(a.dtype), temperature=0.01, reduction="none",
+                                                 **lib.options),
+        "siglip": lambda lib, a: lib.siglip_loss(a, x.to(a.dtype), 100.0, -50.0, reduction="none",
+                                                 **lib.options),
+        "cosine_embedding": lambda lib, a: lib.cosine_embedding_loss(a, near.to(a.dtype), torch.ones(16),
+                                                                     reduction="none"),
+    }
+    ours, theirs = _Library(functional, backend=backend), _Library(reference)
+    for name, loss in losses.items():
+        a, a64 = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+        value = loss(ours, a)
+        assert value.min() >= 0, name
+        (got,) = torch.autograd.grad(value.sum(), a)
+        (want,) = torch.autograd.grad(loss(theirs, a64).sum(), a64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * (1 + want.abs().max().item()),
+                                   msg=lambda m: f"gradient of {name}: {m}")
+    per_anchor = pml.SupConLoss(0.01, reducer=DoNothingReducer())(torch.cat([x, x]), classes)
+    assert per_anchor["loss"]["losses"].min() >= 0, "pytorch-metric-learning SupConLoss"
+
+
+class _Library:
+    """A module of losses (``functional`` or ``reference``) and the options its losses take."""
+
+    def __init__(self, module, **options):
+        self.module, self.options = module, options
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def test_nonnegative_sets_rounding_below_zero_to_zero_and_keeps_the_gradient():
+    loss = torch.tensor([-3e-5, 0.0, 2.0, float("nan"), float("inf")], requires_grad=True)
+    value = functional.nonnegative(loss)
+    assert value[0].item() == 0.0 and value[1:3].tolist() == [0.0, 2.0]
+    assert value[3].isnan() and value[4].isinf()
+    (grad,) = torch.autograd.grad((value * torch.arange(1.0, 6.0)).sum(), loss)
+    assert grad.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]

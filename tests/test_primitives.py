@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
+import fused_losses as fl
 from fused_losses import similarity_lse, similarity_softplus
 from tests import dense
 
@@ -182,3 +184,57 @@ def test_torch_backend_exact_fallbacks(monkeypatch, always_recompute_columns, ne
     want_grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (q, k))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+# What the primitives' autograd formula cannot give is refused, never computed wrong.
+SECOND_ORDER_LOSSES = {
+    "clip_normalize": (lambda a, b: fl.clip_loss(a, b, 10.0, backend="torch"), "similarity_lse"),
+    "clip_raw": (lambda a, b: fl.clip_loss(a, b, 10.0, normalize=False, backend="torch"),
+                 "similarity_lse"),
+    "siglip": (lambda a, b: fl.siglip_loss(a, b, 10.0, -2.0, backend="torch"), "similarity_softplus"),
+    "nt_xent": (lambda a, b: fl.nt_xent(a, b, backend="torch"), "similarity_lse"),
+}
+
+
+@pytest.mark.parametrize("name", list(SECOND_ORDER_LOSSES))
+def test_double_backward_is_refused_and_first_order_is_kept(name):
+    loss, primitive = SECOND_ORDER_LOSSES[name]
+    a, b = (_leaf(t) for t in _inputs(6, 6, 5))
+    want = torch.autograd.grad(loss(a, b), (a, b))
+    got = torch.autograd.grad(loss(a, b), (a, b), create_graph=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match=f"double backward through fused_losses.{primitive} is not supported"):
+        (got[0].square().sum() + got[1].sum()).backward()  # a gradient penalty
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "jacfwd", "jvp", "hessian"])
+def test_differentiating_torch_func_transforms_are_refused(transform):
+    a, b = _inputs(4, 4, 3)
+    loss = lambda x: fl.clip_loss(x, b, 10.0, backend="torch")  # noqa: E731
+    calls = {"grad": lambda: torch.func.grad(loss)(a), "vjp": lambda: torch.func.vjp(loss, a),
+             "jacrev": lambda: torch.func.jacrev(loss)(a), "jacfwd": lambda: torch.func.jacfwd(loss)(a),
+             "jvp": lambda: torch.func.jvp(loss, (a,), (b,)), "hessian": lambda: torch.func.hessian(loss)(a)}
+    with pytest.raises(RuntimeError, match="torch.func transforms that differentiate .* not supported through "
+                                           "fused_losses.similarity_lse"):
+        calls[transform]()
+
+
+def test_forward_mode_ad_is_refused():
+    """It used to return the tangent of the positive terms only: a silently wrong derivative."""
+    a, b = _inputs(4, 4, 3)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(a, b)
+        with pytest.raises(RuntimeError, match="forward-mode AD .* not supported through "
+                                               "fused_losses.similarity_softplus"):
+            fl.siglip_loss(dual, b, 10.0, 0.0, backend="torch")
+
+
+def test_vmap_and_backward_through_it_match_a_loop():
+    a = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, 4, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda x, y: fl.clip_loss(x, y, 10.0, backend="torch"))(a, b)
+    looped = torch.stack([fl.reference.clip_loss(x, y, 10.0) for x, y in zip(a, b)])
+    torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(mapped.sum(), a)[0],
+                               torch.autograd.grad(looped.sum(), a)[0], rtol=1e-10, atol=1e-12)

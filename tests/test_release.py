@@ -64,7 +64,7 @@ def test_quick_benchmark_report(monkeypatch):
 
     monkeypatch.setattr(bench, "run_sweep", fake_sweep)
     monkeypatch.setattr(bench, "free_memory_bytes", lambda device: 6400 * mib)
-    report = bench.quick_benchmark("torch", torch.device("cpu"))
+    report = bench.quick_benchmark(torch.device("cpu"))  # on the backend auto picks: torch
     n = int(re.search(r"N = M = (\d+)", report).group(1))
     lines = {line.split()[0]: line for line in report.splitlines() if line.startswith("  ")}
     assert "4.0x matmul" in lines["torch"] and f"largest batch ~{64 * n:>11,}" in lines["torch"]

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from fused_losses.backends import chunked_backward  # noqa: E402
+from fused_losses.backends.base import LabelMask  # noqa: E402
 from fused_losses.backends import triton as triton_backend  # noqa: E402
 from fused_losses.backends.triton import launch  # noqa: E402
 from fused_losses.backends.triton.operands import Similarity  # noqa: E402
@@ -102,8 +103,8 @@ def make_inputs(n, m, d, dtype, seed=0, scale=3.0, normalize=True):
     )
 
 
-def dense_similarity(q, k, inv_norm_q, inv_norm_k, scale, diag_offset):
-    """(u, v, S) in float64 with S masked to -inf."""
+def dense_similarity(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask=None):
+    """(u, v, S) in float64 with S masked to -inf (diagonal, and the label mask if given)."""
     u = inv_norm_q.double()[:, None] * q.double()
     v = inv_norm_k.double()[:, None] * k.double()
     s = scale.double() * (u @ v.T)
@@ -112,6 +113,9 @@ def dense_similarity(q, k, inv_norm_q, inv_norm_k, scale, diag_offset):
         cols = rows + diag_offset
         inside = (cols >= 0) & (cols < s.shape[1])
         s[rows[inside], cols[inside]] = float("-inf")
+    if label_mask is not None:
+        row_labels, col_labels, exclude_same = label_mask
+        s = s.masked_fill((row_labels[:, None] == col_labels[None, :]) == exclude_same, float("-inf"))
     return u, v, s
 
 
@@ -534,22 +538,161 @@ def test_launches_are_guarded_to_the_inputs_device():
 @pytest.mark.slow
 def test_kernels_compile_for_h100_without_register_spills():
     # The interpreter accepts code the GPU compiler rejects; compile_check compiles for sm_90 (no
-    # GPU needed) exactly what the losses launch, and fails on spills. About 20 s of CPU.
+    # GPU needed) exactly what the losses launch, and fails on spills. About 30 s of CPU.
     ptxas = os.path.join(os.path.dirname(pytest.importorskip("triton").__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("triton's bundled ptxas is not available")
     from fused_losses.backends.triton.compile_check import DEFAULT_CASES
+    assert any(case.startswith("pml_ntxent:") for case in DEFAULT_CASES)  # a label-masked call
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     module = [sys.executable, "-m", "fused_losses.backends.triton.compile_check"]
-    for extra, cases in (([], []), (["--tf32"], ["siglip:fp32:8192x8192x1000"]),
-                         (["--gradient", "fused"], ["clip:bf16:65536x65536x512"])):
+    # (options, cases, kernels reported): forward + weights kernel per case; the fused backward
+    # adds its kernel to the forward, one per direction where the two directions differ (one-way).
+    for extra, cases, kernels_reported in (
+            ([], [], 2 * len(DEFAULT_CASES)), (["--tf32"], ["siglip:fp32:8192x8192x1000"], 2),
+            (["--gradient", "fused"], ["clip:bf16:65536x65536x512", "pml_ntxent:bf16:65536x65536x512"], 2 + 3)):
         run = subprocess.run(module + extra + cases, capture_output=True, text=True, env=env, timeout=900)
         assert run.returncode == 0, run.stdout + run.stderr
         reports = run.stdout.splitlines()
-        # forward + weights kernel per case; the fused backward adds its kernel to the forward
-        assert len(reports) == 2 * len(cases or DEFAULT_CASES), run.stdout
+        assert len(reports) == kernels_reported, run.stdout
         assert all(" spill 0 B," in line and " 0 CTA/SM" not in line for line in reports), run.stdout
         # The tensor-core tile loops keep their MMAs asynchronous: no full wait on every iteration
         # (the fused backward's nested loops drain once per tile by design).
         tile_loops = [line for line in reports if " wgmma 0," not in line and "fused_gradient" not in line]
         assert tile_loops and all("(every iteration 0)" in line for line in tile_loops), run.stdout
+
+
+# Label mask (feature LABEL_MASK of fused_losses/backends/base.py): the inputs carry ``label_mask``,
+# which the kernels and dense_similarity both take.
+
+
+def with_labels(inputs, exclude_same, classes, label_dtype=torch.int64, seed=5):
+    """``inputs`` with a label mask of random labels in [0, classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    row_labels, col_labels = (torch.randint(0, classes, (len(x),), generator=gen).to(label_dtype).to(DEVICE)
+                              for x in (inputs["q"], inputs["k"]))
+    return dict(inputs, label_mask=LabelMask(row_labels, col_labels, exclude_same))
+
+
+# (N, M, D, diag_offset, input dtype, label dtype): shapes of SHAPES, each dtype and label dtype twice.
+LABEL_CASES = [
+    (1, 7, 5, 0, torch.float32, torch.int32),
+    (13, 29, 37, None, torch.float16, torch.int64),
+    (29, 13, 16, 3, torch.float16, torch.int32),
+    (17, 17, 20, 0, torch.float32, torch.int64),
+]
+
+
+@pytest.mark.parametrize("exclude_same", [True, False])
+@pytest.mark.parametrize("n,m,d,offset,dtype,label_dtype", LABEL_CASES)
+def test_lse_with_labels_matches_dense(n, m, d, offset, dtype, label_dtype, exclude_same, gradient_strategy):
+    # 7 classes: with 16-row tiles, some columns lose every entry of a tile but not of the matrix.
+    inputs = with_labels(make_inputs(n, m, d, dtype), exclude_same, 7, label_dtype)
+    inputs["diag_offset"] = offset
+    grad_row, grad_col = random_grads(n, m)
+    check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[dtype], GRAD_TOL[dtype])
+
+
+@pytest.fixture
+def sm90_tiles(monkeypatch):
+    """The tiles of the sm_90 configurations in the interpreter: 64 x 128 forward and weights
+    tiles, 64 x 64 fused-gradient tiles with 64 output features per program."""
+    monkeypatch.setattr(launch, "forward_config", lambda dim, dtype, device, tiles=None: launch.KernelConfig(
+        64, 128, 32, 0, num_warps=4, num_stages=3))
+    monkeypatch.setattr(launch, "gradient_config", lambda dim, dtype, device: launch.KernelConfig(
+        64, 64, 32, 64, num_warps=8, num_stages=2))
+
+
+@pytest.mark.parametrize("exclude_same,classes", [(True, 3), (False, 31)])
+@pytest.mark.parametrize("n,m,d,offset,dtype", [(131, 197, 40, 1, torch.float16), (71, 67, 96, None, torch.float32)])
+def test_labels_on_sm90_tiles(sm90_tiles, n, m, d, offset, dtype, exclude_same, classes, gradient_strategy):
+    # Sizes past one and two tiles in each direction; with 31 classes and "only", about one
+    # column in eight of a full 64-row tile keeps no entry, and most columns of the 3- and 7-row
+    # edge tiles.
+    inputs = with_labels(make_inputs(n, m, d, dtype), exclude_same, classes)
+    inputs["diag_offset"] = offset
+    grad_row, grad_col = random_grads(n, m)
+    check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[dtype], GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("exclude_same", [True, False])
+def test_lines_the_labels_mask_entirely(exclude_same, gradient_strategy):
+    # Row labels 0..2. "only" against column labels 1..3: rows of label 0 and columns of label 3
+    # keep nothing. "exclude" against column labels all 1: rows of label 1 keep nothing.
+    n, m = 23, 19
+    gen = torch.Generator().manual_seed(7)
+    row_labels = torch.randint(0, 3, (n,), generator=gen)
+    row_labels[:2] = torch.tensor([0, 1])
+    if exclude_same:
+        col_labels = torch.ones(m, dtype=torch.long)
+    else:
+        col_labels = torch.randint(1, 4, (m,), generator=gen)
+        col_labels[0] = 3
+    inputs = make_inputs(n, m, 12, torch.float32)
+    inputs["diag_offset"] = 2
+    inputs["label_mask"] = LabelMask(row_labels.to(DEVICE), col_labels.to(DEVICE), exclude_same)
+    grad_row, grad_col = random_grads(n, m)
+    lse_row, lse_col, u, v = check_lse_against_dense(
+        inputs, grad_row, grad_col, VALUE_TOL[torch.float32], GRAD_TOL[torch.float32])
+    empty_rows = (row_labels == 1) if exclude_same else (row_labels == 0)
+    empty_cols = torch.zeros(m, dtype=torch.bool) if exclude_same else (col_labels == 3)
+    assert empty_rows.any() and torch.equal(torch.isneginf(lse_row).cpu(), empty_rows)
+    assert torch.equal(torch.isneginf(lse_col).cpu(), empty_cols)
+    assert not u[empty_rows.to(DEVICE)].any() and not v[empty_cols.to(DEVICE)].any()
+
+
+def test_labels_across_splits_and_row_chunks(many_splits, small_weight_chunks, gradient_strategy):
+    inputs = with_labels(make_inputs(40, 29, 20, torch.float32), exclude_same=True, classes=5)
+    inputs["diag_offset"] = -3
+    grad_row, grad_col = random_grads(40, 29)
+    check_lse_against_dense(inputs, grad_row, grad_col, VALUE_TOL[torch.float32], GRAD_TOL[torch.float32])
+
+
+def test_labels_give_the_same_bits_twice(many_splits, gradient_strategy):
+    inputs = with_labels(make_inputs(21, 18, 20, torch.float16), exclude_same=False, classes=4)
+    inputs["diag_offset"] = 0
+    grad_row, grad_col = random_grads(21, 18)
+
+    def run():
+        lse_row, lse_col = kernels().lse_forward(**inputs, want_rows=True, want_cols=True)
+        return (lse_row, lse_col, *kernels().lse_backward(**inputs, lse_row=lse_row, lse_col=lse_col,
+                                                          grad_row=grad_row, grad_col=grad_col))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("labels,error,match", [
+    ((torch.zeros(5, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)), TypeError, "must both be int32 or both int64"),
+    ((torch.zeros(5), torch.zeros(4)), TypeError, "must both be int32 or both int64"),
+    ((torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long)), ValueError,
+     r"column labels must be a contiguous vector of shape \(4,\)"),
+    ((torch.zeros(10, dtype=torch.long)[::2], torch.zeros(4, dtype=torch.long)), ValueError,
+     "row labels must be a contiguous vector"),
+])
+def test_bad_label_masks_are_rejected(labels, error, match):
+    inputs = make_inputs(5, 4, 3, torch.float32)
+    with pytest.raises(error, match=match):
+        kernels().lse_forward(**inputs, want_rows=True, want_cols=False,
+                              label_mask=LabelMask(*(x.to(DEVICE) for x in labels), True))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8])
+def test_similarity_lse_with_labels_through_autograd(label_dtype):
+    # The primitive: labels of any integer dtype (int32 stays int32, others become int64),
+    # gradients of q, k and scale.
+    from fused_losses import similarity_lse
+    from tests import dense
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(19, 12, generator=gen), torch.randn(23, 12, generator=gen)
+    y, z = torch.randint(0, 6, (19,), generator=gen), torch.randint(0, 6, (23,), generator=gen)
+    leaves = [x.to(DEVICE).requires_grad_(True) for x in (q, k, torch.tensor(4.0))]
+    got = similarity_lse(*leaves, cols=True, diag_offset=-1, row_labels=y.to(label_dtype).to(DEVICE),
+                         col_labels=z.to(label_dtype).to(DEVICE), backend="triton")
+    want_leaves = [x.detach().double().cpu().requires_grad_(True) for x in leaves]
+    want = dense.lse(*want_leaves, diag_offset=-1, labels=(y, z, True))
+    weights = [torch.randn(len(w), generator=gen, dtype=torch.float64) for w in want]
+    got_grads = torch.autograd.grad(sum((g * w.to(g)).sum() for g, w in zip(got, weights)), leaves)
+    want_grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), want_leaves)
+    for g, w in zip((*got, *got_grads), (*want, *want_grads)):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-5, atol=1e-5)

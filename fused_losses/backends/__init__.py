@@ -3,8 +3,10 @@ behind ``backend="auto"``.
 
 Every backend is a module exposing
 
-    unavailable_reason(device: torch.device) -> Optional[str]
-        None when the backend can run on tensors of ``device``; otherwise why not and how to fix it.
+    unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]
+        None when the backend can run on tensors of ``device`` (and of ``dtype``, when given: a
+        backend may support only some dtypes, or compute some wrongly in a given setting);
+        otherwise why not and how to fix it.
     make_kernels(**options) -> SimilarityKernels          (see ``fused_losses.backends.base``)
     FEATURES: frozenset of the optional features it implements (``base.OPTIONAL_FEATURES``)
 
@@ -37,7 +39,7 @@ _MODULES = {
     "torch": "fused_losses.backends.torch_tiled",
 }
 
-# Fastest first; "auto" takes the first one that can run on the tensors' device.
+# Fastest first; "auto" takes the first one that can run on the tensors' device and dtype.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 
 
@@ -45,25 +47,30 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 
-def unavailable_reason(name: str, device: Union[torch.device, str, None] = None) -> Optional[str]:
-    """None if backend ``name`` can run on ``device`` (default: CUDA if present, else CPU)."""
+def unavailable_reason(name: str, device: Union[torch.device, str, None] = None,
+                       dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if backend ``name`` can run on ``device`` (default: CUDA if present, else CPU) and,
+    when given, inputs of ``dtype``."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         module = _module(name)
     except ImportError as error:
         return f"fused_losses.backends.{name} failed to import ({error})"
-    return module.unavailable_reason(torch.device(device))
+    return module.unavailable_reason(torch.device(device), dtype)
 
 
-def backend_status(device: Union[torch.device, str, None] = None) -> Dict[str, Optional[str]]:
-    """For every backend: None when it can run on ``device``, else the reason it cannot."""
-    return {name: unavailable_reason(name, device) for name in BACKENDS}
+def backend_status(device: Union[torch.device, str, None] = None,
+                   dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[str]]:
+    """For every backend: None when it can run on ``device`` (and ``dtype``), else the reason."""
+    return {name: unavailable_reason(name, device, dtype) for name in BACKENDS}
 
 
-def available_backends(device: Union[torch.device, str, None] = None) -> List[str]:
-    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
-    return [name for name, reason in backend_status(device).items() if reason is None]
+def available_backends(device: Union[torch.device, str, None] = None,
+                       dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU) and,
+    when given, inputs of ``dtype``."""
+    return [name for name, reason in backend_status(device, dtype).items() if reason is None]
 
 
 def missing_features(name: str, features: AbstractSet[str]) -> List[str]:
@@ -75,18 +82,21 @@ def _describe_features(features) -> str:
     return " and ".join(OPTIONAL_FEATURES[feature] for feature in features)
 
 
-def select_backend(backend: str, device: torch.device,
-                   features: AbstractSet[str] = frozenset()) -> str:
-    """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` and a call that needs the
-    optional ``features``; raise if it cannot run or lacks one of them."""
+def select_backend(backend: str, device: torch.device, features: AbstractSet[str] = frozenset(),
+                   dtype: Optional[torch.dtype] = None) -> str:
+    """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` (of ``dtype``, when given)
+    and a call that needs the optional ``features``; raise if it cannot run or lacks one of them."""
+    device = torch.device(device)
     if backend == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
         for name in order:
-            if unavailable_reason(name, device) is None and not missing_features(name, features):
+            if unavailable_reason(name, device, dtype) is None and not missing_features(name, features):
                 return name
         needs = f" with {_describe_features(sorted(features))}" if features else ""
-        raise BackendUnavailable(f"no backend can run on device {device}{needs} (tried {', '.join(order)})")
-    reason = unavailable_reason(backend, device)
+        inputs = "" if dtype is None else f" for {dtype} inputs"
+        raise BackendUnavailable(f"no backend can run on device {device}{needs}{inputs} "
+                                 f"(tried {', '.join(order)})")
+    reason = unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} is not available on {device}: {reason}")
     missing = missing_features(backend, features)
@@ -99,10 +109,10 @@ def select_backend(backend: str, device: torch.device,
 
 
 def get_kernels(backend: str, device: torch.device, features: AbstractSet[str] = frozenset(),
-                **options) -> SimilarityKernels:
-    """The kernels of ``backend`` ("auto" or a name) for tensors on ``device`` and a call that needs
-    the optional ``features``."""
-    return _module(select_backend(backend, device, features)).make_kernels(**options)
+                dtype: Optional[torch.dtype] = None, **options) -> SimilarityKernels:
+    """The kernels of ``backend`` ("auto" or a name) for tensors on ``device`` (of ``dtype``) and a
+    call that needs the optional ``features``."""
+    return _module(select_backend(backend, device, features, dtype)).make_kernels(**options)
 
 
 __all__ = [

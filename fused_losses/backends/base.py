@@ -1,10 +1,12 @@
 """The contract every backend implements: the two similarity primitives, forward and backward.
 
-Notation (see DESIGN.md section 2). Inputs q (N, D) and k (M, D) share one float dtype and device
-and may be non-contiguous. ``inv_norm_q`` (N,) and ``inv_norm_k`` (M,) are the inverse norms
-r_i = 1 / max(|q_i|, eps) and c_j (all ones when not normalizing), contiguous, in the *statistics
-dtype*: float64 for float64 inputs, float32 otherwise. ``scale`` and ``bias`` are 0-d tensors of
-the statistics dtype on the inputs' device (never read on the host, so no device sync).
+The math every backend agrees on is stated here (the losses built on it: fused_losses/functional.py;
+the chain rule to the raw inputs: fused_losses/primitives.py). Inputs q (N, D) and k (M, D) share
+one float dtype and device and may be non-contiguous. ``inv_norm_q`` (N,) and ``inv_norm_k`` (M,)
+are the inverse norms r_i = 1 / max(|q_i|, eps) and c_j (all ones when not normalizing),
+contiguous, in the *statistics dtype*: float64 for float64 inputs, float32 otherwise. ``scale``
+and ``bias`` are 0-d tensors of the statistics dtype on the inputs' device (never read on the
+host, so no device sync).
 
     u_i = r_i q_i        v_j = c_j k_j        S_ij = scale * (u_i . v_j)
 
@@ -27,7 +29,8 @@ Similarity softplus-sum (SigLIP):
         W_ij = grad_row_i * sigmoid(S_ij + bias), grad_bias = sum_ij W_ij, U and V as above.
 
 The chain rule through the normalization and to ``scale`` is done once, for every backend, in
-``fused_losses.primitives`` from U and V; backends never see it. Nothing of size N x M may be
+``fused_losses.primitives`` from U and V; backends never see it, nor an empty q or k (N = 0 or
+M = 0: sums over nothing, which the primitives answer themselves). Nothing of size N x M may be
 kept beyond one bounded tile or chunk.
 
 Optional features. A backend module lists the optional features it implements in its

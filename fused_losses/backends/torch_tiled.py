@@ -46,7 +46,7 @@ _TRUSTED_SUM = math.exp(-50.0)
 _SHARED_EXP_SPREAD = 60.0
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     return None
 
 

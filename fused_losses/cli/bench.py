@@ -5,7 +5,8 @@ from typing import List, Optional
 
 import torch
 
-from fused_losses.benchmarking import Sweep, read_records, run_sweep, write_records
+from fused_losses.backends import select_backend
+from fused_losses.benchmarking import DTYPES, Sweep, run_sweep, write_records
 from fused_losses.cli.progress import ProgressBar
 
 
@@ -13,15 +14,22 @@ def _mib(nbytes) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:9.1f} MiB"
 
 
-def quick_benchmark(backend: str, device: torch.device) -> str:
-    """CLIP loss forward+backward: ``backend`` against the reference, with the matmul floor, the
-    memory ratio and the largest batch the free memory would allow each (an estimate)."""
-    on_gpu = device.type == "cuda"
+def quick_sweep(device: torch.device) -> Sweep:
+    """CLIP loss forward+backward at a size that shows the difference, on the backend
+    ``backend="auto"`` picks (never triton's CPU interpreter), against the reference."""
     # CPU: large enough for the N x N logits to dominate the reference, small enough to finish
     # in about half a minute on 2 cores.
-    n, d, dtype = (16384, 512, "bfloat16") if on_gpu else (8192, 512, "float32")
-    sweep = Sweep(("clip",), (n,), (d,), (dtype,), (backend, "reference"), str(device),
-                  modes=("forward_backward",), repeats=2)
+    n, d, dtype = (16384, 512, "bfloat16") if device.type == "cuda" else (8192, 512, "float32")
+    backend = select_backend("auto", device, dtype=DTYPES[dtype])
+    return Sweep(("clip",), (n,), (d,), (dtype,), (backend, "reference"), str(device),
+                 modes=("forward_backward",), repeats=2)
+
+
+def quick_benchmark(device: torch.device) -> str:
+    """``quick_sweep`` measured: time, with the matmul floor, the memory ratio and the largest
+    batch the free memory would allow each (an estimate)."""
+    sweep = quick_sweep(device)
+    (n,), (d,), (dtype,), (backend, _) = sweep.batch_sizes, sweep.dims, sweep.dtypes, sweep.providers
     with ProgressBar(sweep.size(), "benchmark ") as bar:
         results = {record["provider"]: record for record in run_sweep(sweep, bar.advance)}
     matmul = results[backend]["matmul_ms"]
@@ -80,20 +88,16 @@ def _outcome(record: dict) -> str:
     return record.get("error") or record.get("note") or "not measured"
 
 
-def run_bench(losses: List[str], batch_sizes: List[int], dims: List[int], dtype: str,
-              providers: List[str], modes: List[str], device: str, repeats: int, out: str,
-              keys=None) -> int:
-    """Measure every combination, append JSON lines to ``out``; return the number of records."""
-    sweep = Sweep(losses, batch_sizes, dims, (dtype,), providers, device, modes=modes, keys=keys,
-                  repeats=repeats)
+def run_bench(sweep: Sweep, out: str) -> List[dict]:
+    """Measure ``sweep``, appending each record to the JSON lines file ``out``; return them."""
     with ProgressBar(sweep.size(), "bench") as bar:
         return write_records(run_sweep(sweep, bar.advance), out)
 
 
-def summarize(out: str) -> str:
-    """A short table of the records in ``out`` (JSON lines)."""
+def summarize(records: List[dict]) -> str:
+    """A short table of ``records``."""
     lines = [f"{'loss':<9} {'provider':<10} {'n':>6} {'d':>5} {'mode':<17} {'median ms':>10} {'x matmul':>8} {'peak MiB':>9}"]
-    for r in read_records([out]):
+    for r in records:
         if r["median_ms"] is None:
             median, ratio = _outcome(r)[:40], ""
         else:

@@ -19,15 +19,17 @@ A negative temperature (which lightly accepts) is computed by lightly's own clas
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fused_losses import _validation as check
 from fused_losses import distributed, functional
 from fused_losses.integrations._fallback import original_class, warn_fallback
-from fused_losses.primitives import as_scalar_tensor, lse_statistics, statistics_dtype
+from fused_losses.primitives import lse_statistics
 
 
 class MemoryBank(nn.Module):
@@ -100,6 +102,9 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False, *, backend: str = "auto"):
         super().__init__()
+        check.check_real("temperature", temperature, "a finite float", lambda v: -math.inf < v < math.inf)
+        check.check_flag("gather_distributed", gather_distributed)
+        check.check_backend(backend)
         self.memory_bank = MemoryBank(size=memory_bank_size, gather_distributed=gather_distributed)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
@@ -131,7 +136,7 @@ class NTXentLoss(nn.Module):
         if negatives.shape[1] != out0.shape[1]:
             raise ValueError(f"memory_bank_size {self.memory_bank.size} holds rows of dim "
                              f"{negatives.shape[1]}, but out0 has dim {out0.shape[1]}")
-        scale = as_scalar_tensor(self.temperature, statistics_dtype(out0.dtype), out0.device).reciprocal()
+        scale = functional.inverse_temperature("temperature", self.temperature, out0)
         lse_bank, _ = lse_statistics(out0, negatives, scale, rows=True, cols=False, normalize=False,
                                      backend=self.backend)
         positive = scale * torch.linalg.vecdot(out0.to(scale.dtype), out1.to(scale.dtype))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fused_losses import _validation as check
 from fused_losses import distributed, functional
 from fused_losses._typing import Scalar
 from fused_losses.integrations._fallback import original_class, warn_fallback
@@ -36,6 +37,20 @@ def _check_world(rank: int, world_size: int) -> None:
 
 
 _HOROVOD = "use_horovod=True with world_size > 1"
+
+
+def _check_options(flags: Dict[str, object], rank: int, world_size: int, backend: str) -> None:
+    """Constructor options: ``flags`` bools, rank in [0, world_size), a known backend."""
+    for name, value in flags.items():
+        check.check_flag(name, value)
+    for name, value, low in (("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {check.describe(value)}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    check.check_backend(backend)
 
 
 def _as_output(loss: Tensor, output_dict: bool):
@@ -67,6 +82,9 @@ class ClipLoss(nn.Module):
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, *, backend: str = "auto"):
         super().__init__()
+        _check_options(dict(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                            cache_labels=cache_labels, use_horovod=use_horovod),
+                       rank, world_size, backend)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.cache_labels = cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
@@ -103,6 +121,10 @@ class ClipLoss(nn.Module):
         gathered = distributed.gather_rows(pairs.detach())
         rows, offset = gathered.rows, gathered.offset
         if self.local_loss:
+            if 0 in gathered.row_counts:  # every rank sees the counts: all raise alike
+                raise ValueError(f"local_loss=True with gather_with_grad=False averages each rank's "
+                                 f"own rows, so every rank needs one; got row counts "
+                                 f"{gathered.row_counts}")
             all_images, all_texts = rows.split(image_features.shape[1], dim=1)
             targets = torch.arange(offset, offset + pairs.shape[0], device=pairs.device)
             temperature = 1 / logit_scale
@@ -130,6 +152,7 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: str = "auto"):
         super().__init__()
+        _check_options(dict(cache_labels=cache_labels), rank, world_size, backend)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in self.DIST_IMPLS:
             raise ValueError(f"dist_impl must be None or one of {self.DIST_IMPLS}, "

@@ -24,7 +24,6 @@ labels, a temperature that is not a positive number.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -36,12 +35,12 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 from fused_losses import _validation as check
-from fused_losses.functional import _embed
+from fused_losses.functional import _embed, inverse_temperature, nonnegative
 from fused_losses.integrations._fallback import warn_fallback
 from fused_losses.integrations._pair_scoring import (
     ClassIds, pair_dots, row_logsumexp, unique_pairs,
 )
-from fused_losses.primitives import as_scalar_tensor, lse_statistics, statistics_dtype
+from fused_losses.primitives import lse_statistics, statistics_dtype
 
 # A reason a call is not fused: the option responsible, as the fallback warning names it.
 Reason = str
@@ -82,17 +81,12 @@ def _fused_distance(distance) -> Union[_FusedDistance, Reason]:
 
 
 def _inverse_temperature(temperature, like: Tensor) -> Union[Tensor, Reason]:
-    """1 / temperature as a 0-d statistics tensor (differentiable if the temperature is)."""
-    if isinstance(temperature, Tensor):
-        usable = temperature.numel() == 1 and temperature.is_floating_point()
-        value = float(temperature.detach()) if usable else math.nan
-    else:
-        usable = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-        value = float(temperature) if usable else math.nan
-    if not (math.isfinite(value) and value > 0):
+    """1 / temperature as a 0-d statistics tensor (differentiable if the temperature is), or the
+    reason there is none: not a number > 0 that the loss's dtype can hold."""
+    try:
+        return inverse_temperature("temperature", temperature, like)
+    except (TypeError, ValueError):
         return f"temperature={temperature!r}"
-    dtype = statistics_dtype(like.dtype)
-    return as_scalar_tensor(temperature, dtype, like.device).reciprocal()
 
 
 def _record_distance_stats(distance, query: Tensor, reference: Tensor) -> None:
@@ -267,7 +261,7 @@ class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
         # terms keeps its gradient 0 (1 / tiny times a zero vector would overflow to NaN).
         without = count == 0
         numerator = count * lse.masked_fill(without, 0.0) - positive_sum.masked_fill(without, 0.0)
-        losses = numerator / (count + torch.finfo(embeddings.dtype).tiny)
+        losses = nonnegative(numerator / (count + torch.finfo(embeddings.dtype).tiny))
         return {"losses": losses.to(embeddings.dtype),
                 "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}
 
@@ -333,5 +327,5 @@ class NPairsLoss(_Fused, pml_losses.NPairsLoss):
         one = torch.ones((), dtype=statistics_dtype(embeddings.dtype), device=embeddings.device)
         scorer = _Scorer(distance, one, anchors, positives, self.backend)
         positive = scorer.scale * torch.linalg.vecdot(scorer.u, scorer.v)
-        return {"loss": {"losses": (scorer.row_lse() - positive).to(embeddings.dtype),
+        return {"loss": {"losses": nonnegative(scorer.row_lse() - positive).to(embeddings.dtype),
                          "indices": anchor_idx, "reduction_type": "element"}}

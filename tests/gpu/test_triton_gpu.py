@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fused_losses.backends import triton as triton_backend
+from fused_losses.backends.base import LabelMask
 from tests.gpu.kernel_inputs import make_inputs
 
 pytestmark = [
@@ -50,12 +51,13 @@ class ChunkedTorch:
     """The contract computed by torch in chunks of rows: matmuls in ``compute`` (float64 for the
     truth, the input dtype for torch's own computation), statistics in ``stat``."""
 
-    def __init__(self, compute, stat, q, k, inv_norm_q, inv_norm_k, scale, diag_offset):
+    def __init__(self, compute, stat, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask=None):
         self.compute, self.stat = compute, stat
         self.u = (q.to(stat) * inv_norm_q.to(stat)[:, None]).to(compute)
         self.v = (k.to(stat) * inv_norm_k.to(stat)[:, None]).to(compute)
         self.scale = scale.to(stat)
         self.offset = diag_offset
+        self.label_mask = label_mask
 
     def chunks(self):
         for start in range(0, self.u.shape[0], CHUNK_ROWS):
@@ -68,6 +70,10 @@ class ChunkedTorch:
             cols = rows + self.offset
             inside = (cols >= 0) & (cols < s.shape[1])
             s[rows[inside] - start, cols[inside]] = float("-inf")
+        if self.label_mask is not None:
+            row_labels, col_labels, exclude_same = self.label_mask
+            same = row_labels[start:stop, None] == col_labels[None, :]
+            s = s.masked_fill(same == exclude_same, float("-inf"))
         return s
 
     def lse(self):
@@ -109,9 +115,16 @@ def assert_as_accurate_as_torch(name, got, torch_own, truth):
     assert ours <= 2 * theirs + slack, f"{name}: error {ours:.3e}, torch's own {theirs:.3e}"
 
 
-def check_lse(case, kernels):
+def check_lse(case, kernels, label_mask=None):
+    """The kernels' statistics and gradients against the truth; ``label_mask``: None or
+    (classes, exclude_same), random labels."""
     dtype, n, m, d, offset = case
     inputs = make_inputs(*case)
+    if label_mask is not None:
+        classes, exclude_same = label_mask
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        labels = [torch.randint(0, classes, (size,), device="cuda", generator=gen) for size in (n, m)]
+        inputs["label_mask"] = LabelMask(*labels, exclude_same)
     truth = ChunkedTorch(torch.float64, torch.float64, **inputs)
     torch_own = ChunkedTorch(dtype, torch.float32, **inputs)
 
@@ -137,6 +150,13 @@ def test_lse_at_real_sizes(case):
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8]], ids=case_id)
 def test_fused_backward_option(case):
     check_lse(case, triton_backend.make_kernels(gradient="fused"))
+
+
+@pytest.mark.parametrize("gradient", ["chunked", "fused"])
+@pytest.mark.parametrize("label_mask", [(10, True), (10, False)], ids=["exclude-same", "only-same"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[7], CASES[8]], ids=case_id)
+def test_label_mask(case, label_mask, gradient):
+    check_lse(case, triton_backend.make_kernels(gradient=gradient), label_mask)
 
 
 @pytest.mark.parametrize("tiles", ["64x128", "128x128"])

@@ -2,7 +2,8 @@
 
 Registry interface (see ``fused_losses.backends``):
 
-    unavailable_reason(device) -> None, or why the backend cannot run on ``device`` and how to fix it
+    unavailable_reason(device, dtype=None) -> None, or why the backend cannot run on ``device``
+        (with ``dtype`` inputs) and how to fix it
     make_kernels(fp32_precision="split_tf32", workspace_limit_bytes=256 MiB) -> CudaKernels
     FEATURES: the optional features implemented (the label mask)
 
@@ -24,12 +25,15 @@ MIN_CAPABILITY = (8, 0)
 # epilogues' buffers and a label mask's labels, at most ~11 KiB; compile_check prints it per kernel):
 # A100 / H100 / B200-class GPUs have it, sm_86 / sm_89 / sm_120 (99 KiB a block) do not.
 MIN_SHARED_MEMORY_PER_BLOCK = 107 * 1024
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Optional features of the contract (fused_losses.backends.base) implemented here.
 FEATURES = frozenset({LABEL_MASK})
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        return f"the cuda kernels take float16, bfloat16 or float32 inputs, not {dtype} (use backend='torch')"
     device = torch.device(device)
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors only (got device {device.type!r})"

@@ -36,9 +36,9 @@ from torch import Tensor
 
 from fused_losses.backends import chunked_backward
 from fused_losses.backends.base import LabelMask
-from fused_losses.backends.cuda import _extension
+from fused_losses.backends.cuda import SUPPORTED_DTYPES, _extension
 
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_DTYPES = {dtype: str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES}
 _FP32_PRECISIONS = ("split_tf32", "tf32")
 
 

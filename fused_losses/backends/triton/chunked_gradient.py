@@ -26,14 +26,15 @@ from fused_losses.backends.triton.tiles import (
 @triton.jit(do_not_specialize=["first_row_block", "blocks_per_split"])
 def weights_kernel(
     q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
-    stride_qn, stride_qd, stride_kn, stride_kd,
+    row_labels_ptr, col_labels_ptr, stride_qn, stride_qd, stride_kn, stride_kd,
     row_stat_ptr, row_grad_ptr, col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr,
     row_scale_ptr, col_scale_ptr, weights_ptr, weights_row_stride, weight_sums_ptr,
     first_row_block, blocks_per_split,
     row_constants_fn: tl.constexpr, weights_fn: tl.constexpr, LOGIT_UNIT: tl.constexpr,
     HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, SUM_WEIGHTS: tl.constexpr,
-    HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SAME: tl.constexpr, TMA: tl.constexpr,
+    EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (row block b of the chunk, column split c): for the split's columns,
     weights[rows - chunk start, cols] = (row_scale_i col_scale_j) W_ij rounded to the weights'
@@ -55,8 +56,9 @@ def weights_kernel(
             iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
             stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         if tile_done:
-            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
-                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            s, cols, col_in, dots = finished_tile(
+                dots, rows, row_in, row_factor, row_labels_ptr, row_edge, inv_norm_k_ptr, col_labels_ptr, col_block,
+                n_cols, diag_offset, HAS_MASK, HAS_LABELS, EXCLUDE_SAME, BLOCK_N)
             col = column_terms(col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr, cols, col_in, col_block,
                                HAS_ROW_TERM, HAS_COL_TERM, BLOCK_N)
             w = weights_fn(s, row, col, HAS_ROW_TERM, HAS_COL_TERM)

@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+from fused_losses.backends.base import LabelMask
 from fused_losses.backends.triton import launch
 from fused_losses.backends.triton.kernels import TritonKernels
 
@@ -43,7 +44,8 @@ H100_SMS = 132
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DEFAULT_CASES = ["clip:bf16:65536x65536x512", "clip:bf16:65536x65536x1024", "siglip:bf16:65536x65536x512",
-                 "infonce:fp16:16384x65536x768", "ntxent:fp32:8192x8192x256", "clip:bf16:8192x8192x64"]
+                 "infonce:fp16:16384x65536x768", "ntxent:fp32:8192x8192x256", "clip:bf16:8192x8192x64",
+                 "pml_ntxent:bf16:65536x65536x512", "pml_ntxent:fp32:8192x8192x256"]
 
 
 def _inputs(n: int, m: int, dim: int, dtype: torch.dtype) -> Dict:
@@ -58,11 +60,18 @@ def _clip(kernels: TritonKernels, n: int, m: int, x: Dict) -> None:
                          grad_row=torch.empty(n, device="meta"), grad_col=torch.empty(m, device="meta"))
 
 
-def _one_way(diag_offset: Optional[int]) -> Callable:
+def _one_way(diag_offset: Optional[int], exclude_same_label: Optional[bool] = None) -> Callable:
+    """Row statistics and their backward; with ``exclude_same_label``, under a label mask of int64
+    labels (the class ids of the pytorch-metric-learning drop-ins)."""
     def call(kernels: TritonKernels, n: int, m: int, x: Dict) -> None:
-        lse_row, _ = kernels.lse_forward(**x, diag_offset=diag_offset, want_rows=True, want_cols=False)
+        labels = None
+        if exclude_same_label is not None:
+            labels = LabelMask(torch.empty(n, dtype=torch.int64, device="meta"),
+                               torch.empty(m, dtype=torch.int64, device="meta"), exclude_same_label)
+        lse_row, _ = kernels.lse_forward(**x, diag_offset=diag_offset, want_rows=True, want_cols=False,
+                                         label_mask=labels)
         kernels.lse_backward(**x, diag_offset=diag_offset, lse_row=lse_row, lse_col=None,
-                             grad_row=torch.empty(n, device="meta"), grad_col=None)
+                             grad_row=torch.empty(n, device="meta"), grad_col=None, label_mask=labels)
     return call
 
 
@@ -72,8 +81,11 @@ def _siglip(kernels: TritonKernels, n: int, m: int, x: Dict) -> None:
     kernels.softplus_backward(**x, bias=bias, diag_offset=None, grad_row=torch.empty(n, device="meta"))
 
 
-# The backend calls of each loss (fused_losses.functional), forward then backward.
-CALLS = {"clip": _clip, "infonce": _one_way(None), "ntxent": _one_way(0), "supcon": _one_way(0), "siglip": _siglip}
+# The backend calls of each loss (fused_losses.functional; pml_ntxent: the NTXentLoss of
+# fused_losses.integrations.pytorch_metric_learning, each row against its negatives), forward then
+# backward.
+CALLS = {"clip": _clip, "infonce": _one_way(None), "ntxent": _one_way(0), "supcon": _one_way(0), "siglip": _siglip,
+         "pml_ntxent": _one_way(None, exclude_same_label=True)}
 
 
 class _Sm90Driver:

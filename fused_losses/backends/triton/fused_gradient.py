@@ -46,12 +46,13 @@ def weight_scale(grads: List[Tensor], n: int, m: int) -> Tensor:
 @triton.jit(do_not_specialize=["blocks_per_split"])
 def fused_gradient_kernel(
     q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
-    stride_qn, stride_qd, stride_kn, stride_kd,
+    row_labels_ptr, col_labels_ptr, stride_qn, stride_qd, stride_kn, stride_kd,
     row_stat_ptr, row_grad_ptr, col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr, out_scale_ptr,
     out_ptr, out_split_stride, weight_sums_ptr, blocks_per_split,
     row_constants_fn: tl.constexpr, weights_fn: tl.constexpr, LOGIT_UNIT: tl.constexpr,
     HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, ATOMIC_OUT: tl.constexpr, SUM_WEIGHTS: tl.constexpr,
-    HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SAME: tl.constexpr, EVEN_D: tl.constexpr,
+    APPROX_MATH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_OUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -73,9 +74,9 @@ def fused_gradient_kernel(
     first, last = split_block_range(split, blocks_per_split, n_cols, BLOCK_N)
     for col_block in range(first, last):
         s, cols, col_in, col_factor = similarity_tile(
-            row_start, rows, row_in, row_factor, q_ptr, k_ptr, inv_norm_k_ptr, col_block, n_rows, n_cols, dim,
-            diag_offset, stride_qn, stride_qd, stride_kn, stride_kd, row_edge,
-            HAS_MASK, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+            row_start, rows, row_in, row_factor, row_labels_ptr, q_ptr, k_ptr, inv_norm_k_ptr, col_labels_ptr, col_block,
+            n_rows, n_cols, dim, diag_offset, stride_qn, stride_qd, stride_kn, stride_kd, row_edge,
+            HAS_MASK, HAS_LABELS, EXCLUDE_SAME, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         col = column_terms(col_stat_ptr, col_grad_ptr, col_base_ptr, col_ref_ptr, cols, col_in, col_block,
                            HAS_ROW_TERM, HAS_COL_TERM, BLOCK_N)
         w = weights_fn(s, row, col, HAS_ROW_TERM, HAS_COL_TERM)

@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
+from fused_losses.backends.base import LabelMask
+from fused_losses.backends.triton import interpreter_warnings_silenced
 from fused_losses.backends.triton.gradient import GRADIENT_STRATEGIES, GradientOptions
 from fused_losses.backends.triton.lse import lse_backward, lse_forward
 from fused_losses.backends.triton.operands import Similarity, as_stat, device_guard
@@ -13,7 +15,8 @@ from fused_losses.backends.triton.softplus import softplus_backward, softplus_fo
 
 
 class TritonKernels:
-    """Fused triton kernels for fp16 / bf16 / fp32 inputs (fp32 statistics and accumulation).
+    """Fused triton kernels for fp16 / bf16 / fp32 inputs (fp32 statistics and accumulation);
+    the log-sum-exp implements the optional ``label_mask`` (``base.LABEL_MASK``) in every kernel.
 
     ``gradient``: how the backward runs (``fused_losses.backends.triton.gradient``):
     ``"chunked"`` (default) writes bounded row chunks of W and takes both products with the
@@ -35,26 +38,26 @@ class TritonKernels:
 
     def lse_forward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
-        diag_offset: Optional[int], want_rows: bool, want_cols: bool,
+        diag_offset: Optional[int], want_rows: bool, want_cols: bool, label_mask: Optional[LabelMask] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        with device_guard(q.device):
-            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        with device_guard(q.device), interpreter_warnings_silenced():
+            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
             return lse_forward(sim, want_rows, want_cols)
 
     def lse_backward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         diag_offset: Optional[int], lse_row: Optional[Tensor], lse_col: Optional[Tensor],
-        grad_row: Optional[Tensor], grad_col: Optional[Tensor],
+        grad_row: Optional[Tensor], grad_col: Optional[Tensor], label_mask: Optional[LabelMask] = None,
     ) -> Tuple[Tensor, Tensor]:
-        with device_guard(q.device):
-            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+        with device_guard(q.device), interpreter_warnings_silenced():
+            sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
             return lse_backward(sim, lse_row, lse_col, grad_row, grad_col, self._gradient_options)
 
     def softplus_forward(
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int],
     ) -> Tensor:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return softplus_forward(sim, as_stat(bias))
 
@@ -62,6 +65,6 @@ class TritonKernels:
         self, q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
         bias: Tensor, diag_offset: Optional[int], grad_row: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        with device_guard(q.device):
+        with device_guard(q.device), interpreter_warnings_silenced():
             sim = Similarity.checked(q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
             return softplus_backward(sim, as_stat(bias), grad_row, self._gradient_options)

@@ -80,9 +80,10 @@ def _column_lse_from_row_exponentials(s, p, row_max, col_in, APPROX_MATH: tl.con
 @triton.jit(do_not_specialize=["first_row_block", "blocks_per_split"])
 def lse_forward_kernel(
     q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
-    stride_qn, stride_qd, stride_kn, stride_kd,
+    row_labels_ptr, col_labels_ptr, stride_qn, stride_qd, stride_kn, stride_kd,
     row_partials_ptr, col_partials_ptr, first_row_block, blocks_per_split,
-    WANT_ROWS: tl.constexpr, WANT_COLS: tl.constexpr, HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr,
+    WANT_ROWS: tl.constexpr, WANT_COLS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr,
+    EXCLUDE_SAME: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr,
     APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -102,8 +103,9 @@ def lse_forward_kernel(
             iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
             stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         if tile_done:
-            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
-                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            s, cols, col_in, dots = finished_tile(
+                dots, rows, row_in, row_factor, row_labels_ptr, row_edge, inv_norm_k_ptr, col_labels_ptr, col_block,
+                n_cols, diag_offset, HAS_MASK, HAS_LABELS, EXCLUDE_SAME, BLOCK_N)
             if WANT_ROWS:
                 row_max = tl.max(s, 1)
                 p = tl.exp2(s - _finite_or_zero(row_max)[:, None])

@@ -9,9 +9,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fused_losses.backends.triton import launch
+from fused_losses.backends.base import LabelMask
+from fused_losses.backends.triton import SUPPORTED_DTYPES, launch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LABEL_DTYPES = (torch.int32, torch.int64)
 # The kernels compute feature offsets (feature index x feature stride) in int32.
 MAX_INT32 = 2**31 - 1
 
@@ -19,7 +20,8 @@ MAX_INT32 = 2**31 - 1
 @dataclass(frozen=True)
 class Similarity:
     """S = scale * (r q) (c k)^T with q (N, D), k (M, D) of one dtype, any strides; inv_norm_q
-    (N,), inv_norm_k (M,) and scale (0-d) fp32; entries (i, i + diag_offset) masked."""
+    (N,), inv_norm_k (M,) and scale (0-d) fp32; entries (i, i + diag_offset) masked, and with
+    ``label_mask`` the entries (i, j) where (row_labels[i] == col_labels[j]) == exclude_same."""
 
     q: Tensor
     k: Tensor
@@ -27,9 +29,11 @@ class Similarity:
     inv_norm_k: Tensor
     scale: Tensor
     diag_offset: Optional[int]
+    label_mask: Optional[LabelMask] = None
 
     @classmethod
-    def checked(cls, q, k, inv_norm_q, inv_norm_k, scale, diag_offset) -> "Similarity":
+    def checked(cls, q, k, inv_norm_q, inv_norm_k, scale, diag_offset,
+                label_mask: Optional[LabelMask] = None) -> "Similarity":
         """The operands of a kernel call, validated; statistics converted with ``as_stat``."""
         if q.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
@@ -42,8 +46,10 @@ class Similarity:
             raise ValueError(f"expected q (N, D) and k (M, D), got {tuple(q.shape)} and {tuple(k.shape)}")
         if k.device != q.device:
             raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+        if label_mask is not None:
+            _check_label_mask(label_mask, q, k)
         return cls(_int32_feature_offsets(q), _int32_feature_offsets(k), as_stat(inv_norm_q),
-                   as_stat(inv_norm_k), as_stat(scale), diag_offset)
+                   as_stat(inv_norm_k), as_stat(scale), diag_offset, label_mask)
 
     @property
     def n(self) -> int:
@@ -62,20 +68,28 @@ class Similarity:
         return self.q.device
 
     def transposed(self) -> "Similarity":
-        """The problem for S^T: k's rows become the rows; the mask moves to (j, j - offset)."""
+        """The problem for S^T: k's rows become the rows; the mask moves to (j, j - offset), the
+        column labels become the row labels."""
         offset = None if self.diag_offset is None else -self.diag_offset
-        return Similarity(self.k, self.q, self.inv_norm_k, self.inv_norm_q, self.scale, offset)
+        labels = self.label_mask
+        if labels is not None:
+            labels = LabelMask(labels.col_labels, labels.row_labels, labels.exclude_same)
+        return Similarity(self.k, self.q, self.inv_norm_k, self.inv_norm_q, self.scale, offset, labels)
 
     def input_precision(self) -> str:
         return launch.fp32_input_precision() if self.q.dtype == torch.float32 else "ieee"
 
     def tile_options(self, config: launch.KernelConfig, tma: bool = True) -> dict:
-        """Constexprs and launch options of the tile kernels for ``config``: mask, whether D splits
-        into whole dot steps (no feature mask), approximate fast math (not in the interpreter),
-        block sizes, dot precision, warps and stages; with ``tma``, whether ``kernel_args(config)``
+        """Constexprs and launch options of the tile kernels for ``config``: masks (diagonal;
+        labels, and whether they exclude the equal or the different ones), whether D splits into
+        whole dot steps (no feature mask), approximate fast math (not in the interpreter), block
+        sizes, dot precision, warps and stages; with ``tma``, whether ``kernel_args(config)``
         passes q and k as TMA descriptors (TMA)."""
+        labels = self.label_mask
         options = dict(
-            HAS_MASK=self.diag_offset is not None, EVEN_D=self.dim % config.block_d == 0,
+            HAS_MASK=self.diag_offset is not None,
+            HAS_LABELS=labels is not None, EXCLUDE_SAME=labels is not None and labels.exclude_same,
+            EVEN_D=self.dim % config.block_d == 0,
             APPROX_MATH=launch.gpu_target(self.device) is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
             INPUT_PRECISION=self.input_precision(), num_warps=config.num_warps, num_stages=config.num_stages,
@@ -92,18 +106,21 @@ class Similarity:
         return tensor_cores and _descriptors_fit(self.q) and _descriptors_fit(self.k)
 
     def kernel_args(self, config: Optional[launch.KernelConfig] = None) -> Tuple:
-        """q, k, inv_norm_q, inv_norm_k, scale, N, M, D, mask offset and strides, in the order
-        the kernels take them. With ``config``, q and k are TMA descriptors of (block_m, block_d)
-        and (block_n, block_d) blocks where both fit (``tile_options(config)["TMA"]``)."""
+        """q, k, inv_norm_q, inv_norm_k, scale, N, M, D, mask offset, row and column labels (None
+        without a label mask) and strides, in the order the kernels take them. With ``config``, q
+        and k are TMA descriptors of (block_m, block_d) and (block_n, block_d) blocks where both
+        fit (``tile_options(config)["TMA"]``)."""
         q, k = self.q, self.k
         if config is not None and self.uses_descriptors():
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             q = TensorDescriptor.from_tensor(q, [config.block_m, config.block_d])
             k = TensorDescriptor.from_tensor(k, [config.block_n, config.block_d])
+        labels = self.label_mask
         return (
             q, k, self.inv_norm_q, self.inv_norm_k, self.scale,
             self.n, self.m, self.dim, self.diag_offset or 0,
+            None if labels is None else labels.row_labels, None if labels is None else labels.col_labels,
             self.q.stride(0), self.q.stride(1), self.k.stride(0), self.k.stride(1),
         )
 
@@ -163,6 +180,19 @@ class WeightTerms:
 def as_stat(t: Tensor) -> Tensor:
     """Statistics-dtype vector or scalar as the kernels read it: contiguous fp32 (O(N) copy at most)."""
     return t.to(torch.float32).contiguous()
+
+
+def _check_label_mask(label_mask: LabelMask, q: Tensor, k: Tensor) -> None:
+    """The kernels read labels as contiguous int32 / int64 vectors of N and M entries."""
+    row_labels, col_labels, _ = label_mask
+    if row_labels.dtype not in LABEL_DTYPES or col_labels.dtype != row_labels.dtype:
+        raise TypeError(f"row and column labels must both be int32 or both int64, got {row_labels.dtype} "
+                        f"and {col_labels.dtype}")
+    for name, labels, x in (("row labels", row_labels, q), ("column labels", col_labels, k)):
+        if labels.shape != x.shape[:1] or labels.device != x.device or not labels.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous vector of shape {tuple(x.shape[:1])} on {x.device}, "
+                             f"got shape {tuple(labels.shape)} on {labels.device} (contiguous: "
+                             f"{labels.is_contiguous()})")
 
 
 def _descriptors_fit(x: Tensor) -> bool:

@@ -40,10 +40,11 @@ def _log2_one_plus_exp2(y, APPROX_MATH: tl.constexpr):
 @triton.jit(do_not_specialize=["blocks_per_split"])
 def softplus_forward_kernel(
     q_src, k_src, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, n_rows, n_cols, dim, diag_offset,
-    stride_qn, stride_qd, stride_kn, stride_kd,
+    row_labels_ptr, col_labels_ptr, stride_qn, stride_qd, stride_kn, stride_kd,
     bias_ptr, row_partials_ptr, blocks_per_split,
-    HAS_MASK: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SAME: tl.constexpr, TMA: tl.constexpr,
+    EVEN_D: tl.constexpr, APPROX_MATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (row block, column split c): row_partials[c, rows] = sum over the split's columns
     of softplus(S_ij + bias)."""
@@ -59,8 +60,9 @@ def softplus_forward_kernel(
             iteration, first, k_steps, dots, q_src, k_src, row_start, n_rows, n_cols, dim, stride_qn, stride_qd,
             stride_kn, stride_kd, TMA, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         if tile_done:
-            s, cols, col_in, dots = finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block,
-                                                  n_cols, diag_offset, HAS_MASK, BLOCK_N)
+            s, cols, col_in, dots = finished_tile(
+                dots, rows, row_in, row_factor, row_labels_ptr, row_edge, inv_norm_k_ptr, col_labels_ptr, col_block,
+                n_cols, diag_offset, HAS_MASK, HAS_LABELS, EXCLUDE_SAME, BLOCK_N)
             sums += tl.sum(_log2_one_plus_exp2(s + bias, APPROX_MATH), 1)
     tl.store(row_partials_ptr + tl.program_id(1) * n_rows + rows, sums * LN2, mask=row_in)
 

@@ -6,7 +6,8 @@ forward and weights kernels run one flattened loop over (column tile, D step) pa
 ``finished_tile``), so the loads of the next tile are in flight while the epilogue of the current
 one runs. Operands come through TMA descriptors or pointer loads (``dot_step``). Everything
 outside the N x M matrix reads as zero operands and as -inf similarities, so it drops out of
-every sum.
+every sum; so do the masked entries (``logits``: the diagonal and, with HAS_LABELS, the label
+mask, one predicate per tile from the tile's row and column labels, loaded with the tile).
 """
 
 import triton
@@ -32,6 +33,16 @@ def row_block_setup(inv_norm_q_ptr, scale_ptr, row_block, n_rows, LOGIT_UNIT: tl
     row_in = rows < n_rows
     row_factor = tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0) * tl.load(scale_ptr) * LOGIT_UNIT
     return row_start, rows, row_in, row_factor
+
+
+@triton.jit
+def load_labels(labels_ptr, index, index_in, HAS_LABELS: tl.constexpr):
+    """The labels at ``index`` (0 outside), or 0 without a label mask (never read then)."""
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + index, mask=index_in, other=0)
+    else:
+        labels = 0
+    return labels
 
 
 @triton.jit
@@ -70,14 +81,21 @@ def is_edge(block, length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def logits(dots, rows, row_in, row_factor, cols, col_in, col_factor, diag_offset, edge, HAS_MASK: tl.constexpr):
-    """S tile row_factor_i * c_j * dots_ij, -inf outside the matrix and at (i, i + diag_offset).
-    The -inf select runs only where needed: ``edge`` tiles (reaching past N or M), or the mask."""
+def logits(dots, rows, row_in, row_factor, row_labels, cols, col_in, col_factor, col_labels, diag_offset, edge,
+           HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SAME: tl.constexpr):
+    """S tile row_factor_i * c_j * dots_ij, -inf outside the matrix, at (i, i + diag_offset) with
+    HAS_MASK, and with HAS_LABELS where (row_labels_i == col_labels_j) == EXCLUDE_SAME. The -inf
+    select runs only where needed: ``edge`` tiles (reaching past N or M), or a mask."""
     s = dots * row_factor[:, None] * col_factor[None, :]
-    if HAS_MASK or edge:
+    if HAS_MASK or HAS_LABELS or edge:
         keep = row_in[:, None] & col_in[None, :]
         if HAS_MASK:
             keep = keep & (cols[None, :] != rows[:, None] + diag_offset)
+        if HAS_LABELS:
+            if EXCLUDE_SAME:
+                keep = keep & (row_labels[:, None] != col_labels[None, :])
+            else:
+                keep = keep & (row_labels[:, None] == col_labels[None, :])
         s = tl.where(keep, s, float("-inf"))
     return s
 
@@ -104,24 +122,27 @@ def flattened_step(iteration, first, k_steps, dots, q_src, k_src, row_start, n_r
 
 
 @triton.jit
-def finished_tile(dots, rows, row_in, row_factor, row_edge, inv_norm_k_ptr, col_block, n_cols, diag_offset,
-                  HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+def finished_tile(dots, rows, row_in, row_factor, row_labels_ptr, row_edge, inv_norm_k_ptr, col_labels_ptr, col_block,
+                  n_cols, diag_offset, HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  EXCLUDE_SAME: tl.constexpr, BLOCK_N: tl.constexpr):
     """(S tile of a column tile's complete dots, its columns, columns in bounds, zeroed dots for
     the next tile)."""
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < n_cols
     col_factor = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
-    s = logits(dots, rows, row_in, row_factor, cols, col_in, col_factor, diag_offset,
-               row_edge | is_edge(col_block, n_cols, BLOCK_N), HAS_MASK)
+    row_labels = load_labels(row_labels_ptr, rows, row_in, HAS_LABELS)
+    col_labels = load_labels(col_labels_ptr, cols, col_in, HAS_LABELS)
+    s = logits(dots, rows, row_in, row_factor, row_labels, cols, col_in, col_factor, col_labels, diag_offset,
+               row_edge | is_edge(col_block, n_cols, BLOCK_N), HAS_MASK, HAS_LABELS, EXCLUDE_SAME)
     return s, cols, col_in, tl.zeros_like(dots)
 
 
 @triton.jit
 def similarity_tile(
-    row_start, rows, row_in, row_factor, q_ptr, k_ptr, inv_norm_k_ptr, col_block, n_rows, n_cols, dim, diag_offset,
-    stride_qn, stride_qd, stride_kn, stride_kd, row_edge,
-    HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    row_start, rows, row_in, row_factor, row_labels_ptr, q_ptr, k_ptr, inv_norm_k_ptr, col_labels_ptr, col_block,
+    n_rows, n_cols, dim, diag_offset, stride_qn, stride_qd, stride_kn, stride_kd, row_edge,
+    HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SAME: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """S tile (BLOCK_M, BLOCK_N) fp32 of column block ``col_block`` with its own D loop over
     pointer loads (the fused backward's nested loop). Returns (s, cols, cols in bounds, c_j)."""
@@ -133,7 +154,10 @@ def similarity_tile(
         dots = dot_step(dots, q_ptr, k_ptr, row_start, col_block * BLOCK_N, n_rows, n_cols, step, dim, stride_qn,
                         stride_qd, stride_kn, stride_kd, False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     edge = row_edge | is_edge(col_block, n_cols, BLOCK_N)
-    s = logits(dots, rows, row_in, row_factor, cols, col_in, col_factor, diag_offset, edge, HAS_MASK)
+    row_labels = load_labels(row_labels_ptr, rows, row_in, HAS_LABELS)
+    col_labels = load_labels(col_labels_ptr, cols, col_in, HAS_LABELS)
+    s = logits(dots, rows, row_in, row_factor, row_labels, cols, col_in, col_factor, col_labels, diag_offset, edge,
+               HAS_MASK, HAS_LABELS, EXCLUDE_SAME)
     return s, cols, col_in, col_factor
 
 
