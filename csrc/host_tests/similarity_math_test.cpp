@@ -107,7 +107,7 @@ void test_elementwise() {
 
 void test_entry_mask() {
   // A tile corner at (row_base, col_base) = (100, 130) of a 120 x 140 matrix, diagonal offset 28.
-  const EntryMask<> mask = entry_mask<128>(100, 130, 120, 140, true, 28);
+  const EntryMask mask = entry_mask<128>(100, 130, 120, 140, true, 28);
   CHECK(mask.rows_left == 20 && mask.cols_left == 10);
   for (int r = 0; r < 128; ++r) {
     for (int c = 0; c < 128; ++c) {
@@ -116,23 +116,19 @@ void test_entry_mask() {
       CHECK(mask.excludes(r, c) == want);
     }
   }
-  CHECK(entry_mask<128>(0, 0, 500, 500, true, 200).diagonal == kNoDiagonal);  // outside the span
-  CHECK(entry_mask<128>(0, 0, 500, 500, false, 0).diagonal == kNoDiagonal);
+  CHECK(entry_mask<128>(0, 0, 500, 500, true, 200).diagonal == EntryMask::kNoDiagonal);  // outside the span
+  CHECK(entry_mask<128>(0, 0, 500, 500, false, 0).diagonal == EntryMask::kNoDiagonal);
   CHECK(entry_mask<128>(0, int64_t{3} << 40, 5, (int64_t{3} << 40) + 1, true, int64_t{3} << 40).diagonal == 0);
 }
 
-void test_entry_mask_with_labels() {
+void test_labels_exclude() {
   // Labels that differ only above bit 31 are different labels.
   const int64_t high = int64_t{1} << 32;
-  const int64_t rows[4] = {7, 7 + high, -1, 7};
-  const int64_t columns[3] = {7, 7 + high, 0};
-  for (const bool exclude_same : {true, false}) {
-    const auto mask = entry_mask<128>(10, 20, 13, 40, true, 11, EntryLabels{rows, columns, exclude_same});
-    for (int r = 0; r < 4; ++r) {
-      for (int c = 0; c < 3; ++c) {
-        const bool labelled = (rows[r] == columns[c]) == exclude_same;  // either mask excludes
-        CHECK(mask.excludes(r, c) == (labelled || r >= 3 || c - r == 1));
-      }
+  const int64_t labels[] = {7, 7 + high, -1, 0, -high};
+  for (const int64_t row : labels) {
+    for (const int64_t col : labels) {
+      CHECK(labels_exclude(row, col, true) == (row == col));
+      CHECK(labels_exclude(row, col, false) == (row != col));
     }
   }
 }
@@ -213,7 +209,7 @@ int main() {
   test_nan_max();
   test_elementwise();
   test_entry_mask();
-  test_entry_mask_with_labels();
+  test_labels_exclude();
   test_index_math();
   test_forward_plan();
   test_weights_plan();
