@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -206,39 +206,41 @@ def matmul_setup(problem: Problem) -> Callable[[], object]:
 
 
 def run(sizes: Sequence[Tuple[int, int]], dtype_name: str, backend_names: Sequence[str], device: torch.device,
-        repeats: int, pieces: Optional[Sequence[str]] = None) -> List[dict]:
-    """Records of every (size, backend, piece), each with the matmul time of its size."""
+        repeats: int, pieces: Optional[Sequence[str]] = None) -> Iterator[dict]:
+    """Records of every (size, backend, piece) as each is measured, each with the matmul time of its size."""
     env = environment()
-    records = []
     for n, d in sizes:
         problem = make_problem(n, n, d, dtype_name, device)
         matmul = time_ms(matmul_setup(problem), device, repeats=repeats)["median_ms"]
         base = dict(n=n, m=n, d=d, dtype=dtype_name, matmul_ms=matmul, **env)
-        records.append(dict(base, backend="torch", piece="matmul", gemm_equivalents=1, median_ms=matmul,
-                            ratio=1.0, efficiency=1.0))
+        yield dict(base, backend="torch", piece="matmul", gemm_equivalents=1, median_ms=matmul, ratio=1.0,
+                   efficiency=1.0)
         for backend in backend_names:
             reason = backends.unavailable_reason(backend, device)
             if reason is not None:
-                records.append(dict(base, backend=backend, piece=None, note=f"skipped: {reason}"))
+                yield dict(base, backend=backend, piece=None, note=f"skipped: {reason}")
                 continue
             for name, (gemms, setup) in pieces_of(backend).items():
                 if pieces and name not in pieces:
                     continue
-                timing = time_ms(setup(problem, backend), device, repeats=repeats)
+                try:
+                    timing = time_ms(setup(problem, backend), device, repeats=repeats)
+                except Exception as error:  # recorded; the other pieces still run
+                    yield dict(base, backend=backend, piece=name, note=f"failed: {type(error).__name__}: {error}")
+                    continue
                 ratio = timing["median_ms"] / matmul
-                records.append(dict(base, backend=backend, piece=name, gemm_equivalents=gemms, **timing,
-                                    ratio=ratio, efficiency=gemms / ratio))
+                yield dict(base, backend=backend, piece=name, gemm_equivalents=gemms, **timing, ratio=ratio,
+                           efficiency=gemms / ratio)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return records
 
 
 def table(records: Sequence[dict]) -> str:
     """Markdown: one row per timed piece."""
     lines = ["| backend | piece | N = M | D | ms | x matmul | GEMM-eq. | efficiency |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        if r.get("piece") is None:
-            lines.append(f"| {r['backend']} | {r['note']} | {r['n']} | {r['d']} | | | | |")
+        if "note" in r:
+            lines.append(f"| {r['backend']} | {r['piece'] or ''} {r['note'][:100]} | {r['n']} | {r['d']} | | | | |")
             continue
         lines.append(f"| {r['backend']} | {r['piece']} | {r['n']} | {r['d']} | {r['median_ms']:.3f} | "
                      f"{r['ratio']:.2f} | {r['gemm_equivalents']} | {r['efficiency']:.2f} |")
@@ -266,12 +268,13 @@ def main(argv: Sequence[str]) -> int:
     gpu = device.type == "cuda"
     sizes = args.sizes or ([(65536, 512), (65536, 1024)] if gpu else [(48, 40)])
     dtype_name = args.dtype or ("bfloat16" if gpu else "float16")
-    records = run(sizes, dtype_name, args.backends, device, args.repeats or (10 if gpu else 1), args.pieces)
-    for record in records:
+    records: List[dict] = []
+    for record in run(sizes, dtype_name, args.backends, device, args.repeats or (10 if gpu else 1), args.pieces):
+        records.append(record)
         print(json.dumps(record), flush=True)
-    if args.out:
-        with open(args.out, "a") as out:
-            out.writelines(json.dumps(record) + "\n" for record in records)
+        if args.out:  # record by record: a run stopped at its time limit keeps what it measured
+            with open(args.out, "a") as out:
+                out.write(json.dumps(record) + "\n")
     print(table(records))
     return 0
 

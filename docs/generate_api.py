@@ -26,13 +26,26 @@ REGENERATE = "python3 docs/generate_api.py"
 LINE_WIDTH = 100
 # Where torch defines these is not where users import them from.
 PUBLIC_PATHS = {"torch.distributed.distributed_c10d.ProcessGroup": "torch.distributed.ProcessGroup",
-                "torch.nn.modules.module.Module": "torch.nn.Module"}
+                "torch.nn.modules.module.Module": "torch.nn.Module",
+                "sentence_transformers.sentence_transformer.model.SentenceTransformer":
+                    "sentence_transformers.SentenceTransformer",
+                "sentence_transformers.util.similarity.": "sentence_transformers.util."}
 
 sys.path.insert(0, str(ROOT))  # this checkout's fused_losses, also when run as a script
 import fused_losses  # noqa: E402
 import fused_losses.integrations  # noqa: E402
 
 Members = List[Tuple[str, Any]]
+
+
+class _FunctionDefault:
+    """A default that is a function, shown by its import path (its repr holds a memory address)."""
+
+    def __init__(self, function: Callable[..., Any]):
+        self.path = f"{function.__module__}.{function.__qualname__}"
+
+    def __repr__(self) -> str:
+        return self.path
 
 
 def _signature(name: str, function: Callable[..., Any], drop_self: bool = False) -> str:
@@ -42,8 +55,9 @@ def _signature(name: str, function: Callable[..., Any], drop_self: bool = False)
         signature = inspect.signature(function, eval_str=True)
     except NameError:  # an annotation only importable while type checking
         signature = inspect.signature(function)
-    if drop_self:
-        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    parameters = [p.replace(default=_FunctionDefault(p.default)) if inspect.isfunction(p.default)
+                  else p for p in signature.parameters.values()]
+    signature = signature.replace(parameters=parameters[1:] if drop_self else parameters)
     text = str(signature)  # with the "/" and "*" markers
     returns = text[text.rindex(")") + 1:]
     one_line = f"{name}{text}"

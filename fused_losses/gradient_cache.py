@@ -25,6 +25,7 @@ step 3 later, e.g. from a hook on the loss tensor during the trainer's ``loss.ba
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
@@ -257,8 +258,8 @@ class ChunkedEmbeddings:
                     if random_state is None:
                         raise RuntimeError("replay needs the random states: embed with "
                                            "save_random_state=True")
-                    defer_sync = ddp is not None and syncing[id(ddp)] != (t, c)
-                    with ddp.no_sync() if defer_sync else contextlib.nullcontext():
+                    with (ddp.no_sync() if ddp is not None and syncing[id(ddp)] != (t, c)
+                          else contextlib.nullcontext()):
                         with self.autocast.restored(), random_state.replayed():
                             out = _check_embeddings(tower.encode(tower.chunk(begin, end)), tower,
                                                     begin, end)
@@ -293,7 +294,7 @@ def _towers(encoders: Sequence[Callable], inputs: Sequence[Any], chunk_size: int
         if not callable(encoder):
             raise TypeError(f"encoders[{index}] must be callable, got {type(encoder).__name__}")
         total = batch_size(x, f"inputs[{index}]")
-        towers.append(Tower(encode=encoder, chunk=lambda begin, end, x=x: rows(x, begin, end),
+        towers.append(Tower(encode=encoder, chunk=functools.partial(rows, x),
                             ranges=chunk_ranges(total, int(chunk_size)),
                             module=encoder if isinstance(encoder, nn.Module) else None,
                             name=f"encoders[{index}]"))

@@ -33,7 +33,7 @@ computes the same losses with plain autograd, for those.
 # No "from __future__ import annotations": torch.library.custom_op reads the annotations as
 # types, and older torch releases cannot resolve them from strings.
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple, overload
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -107,7 +107,7 @@ def _label_mask_call(row_labels: Optional[Tensor], col_labels: Optional[Tensor],
                      exclude_same_label: bool) -> Tuple[frozenset, dict]:
     """(optional features, backend keyword arguments) of a call with this label mask: none without
     one, so backends that do not implement the feature (backends.base) never see its keyword."""
-    if row_labels is None:
+    if row_labels is None or col_labels is None:
         return frozenset(), {}
     return frozenset({LABEL_MASK}), {"label_mask": LabelMask(row_labels, col_labels, exclude_same_label)}
 
@@ -166,8 +166,9 @@ def _lse_op(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float,
 
 
 @_lse_op.register_fake
-def _(q, k, scale, normalize, eps, diag_offset, row_labels, col_labels, exclude_same_label, rows,
-      cols, backend, chunk_size):
+def _(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, eps: float, diag_offset: Optional[int],
+      row_labels: Optional[Tensor], col_labels: Optional[Tensor], exclude_same_label: bool,
+      rows: bool, cols: bool, backend: str, chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     dtype = statistics_dtype(q.dtype)
     return (q.new_empty(q.shape[0] if rows else 0, dtype=dtype),
             q.new_empty(k.shape[0] if cols else 0, dtype=dtype))
@@ -190,20 +191,23 @@ def _lse_backward_op(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tenso
 
 
 @_lse_backward_op.register_fake
-def _(q, k, inv_norm_q, inv_norm_k, scale, diag_offset, row_labels, col_labels, exclude_same_label,
-      lse_row, lse_col, grad_row, grad_col, backend, chunk_size):
+def _(q: Tensor, k: Tensor, inv_norm_q: Tensor, inv_norm_k: Tensor, scale: Tensor,
+      diag_offset: Optional[int], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+      exclude_same_label: bool, lse_row: Optional[Tensor], lse_col: Optional[Tensor],
+      grad_row: Optional[Tensor], grad_col: Optional[Tensor], backend: str,
+      chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     dtype = inv_norm_q.dtype
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
 
 
-def _lse_setup_context(ctx, inputs, output):
+def _lse_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
     (q, k, scale, normalize, eps, diag_offset, row_labels, col_labels, exclude_same_label, rows,
      cols, backend, chunk_size) = inputs
     ctx.save_for_backward(q, k, scale, row_labels, col_labels, *output)
     ctx.options = (normalize, eps, diag_offset, exclude_same_label, rows, cols, backend, chunk_size)
 
 
-def _lse_backward(ctx, grad_row, grad_col):
+def _lse_backward(ctx: Any, grad_row: Tensor, grad_col: Tensor) -> Tuple[Optional[Tensor], ...]:
     q, k, scale, row_labels, col_labels, lse_row, lse_col = ctx.saved_tensors
     normalize, eps, diag_offset, exclude_same_label, rows, cols, backend, chunk_size = ctx.options
     with torch.no_grad():
@@ -297,7 +301,8 @@ def _check_common(q: Tensor, k: Tensor, normalize: bool, eps: float, diag_offset
         raise ValueError(f"chunk_size applies to backend='torch' only, got backend={backend!r}")
 
 
-def _kernels(backend: str, q: Tensor, chunk_size: Optional[int], features: frozenset = frozenset()):
+def _kernels(backend: str, q: Tensor, chunk_size: Optional[int],
+             features: frozenset = frozenset()) -> SimilarityKernels:
     """The kernels of ``backend`` ("auto" or a name) for inputs like ``q`` and a call needing the
     optional ``features``; chunk_size selects the torch backend."""
     if chunk_size is None:
@@ -305,7 +310,8 @@ def _kernels(backend: str, q: Tensor, chunk_size: Optional[int], features: froze
     return get_kernels("torch", q.device, features, q.dtype, chunk_size=chunk_size)
 
 
-def _check_labels(q: Tensor, k: Tensor, row_labels, col_labels, same_label: str) -> None:
+def _check_labels(q: Tensor, k: Tensor, row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+                  same_label: str) -> None:
     if (row_labels is None) != (col_labels is None):
         given, missing = ("row_labels", "col_labels") if col_labels is None else ("col_labels", "row_labels")
         raise ValueError(f"{given} needs {missing} too: the label mask compares the two, got "
@@ -391,19 +397,50 @@ def similarity_softplus(
                                diag_offset=diag_offset, backend=backend, chunk_size=chunk_size)
 
 
-def _contract_labels(row_labels: Tensor, col_labels: Tensor):
+def _contract_labels(row_labels: Tensor, col_labels: Tensor) -> Tuple[Tensor, Tensor]:
     """The labels as the backend contract takes them: contiguous, both int32 or both int64 (every
     integer dtype converts to int64 exactly, or bijectively for uint64, so equality is kept)."""
     dtype = torch.int32 if row_labels.dtype == col_labels.dtype == torch.int32 else torch.int64
     return row_labels.to(dtype).contiguous(), col_labels.to(dtype).contiguous()
 
 
-def lse_statistics(q, k, scale: Tensor, *, rows, cols, normalize, diag_offset=None,
-                   row_labels=None, col_labels=None, same_label="exclude", eps=DEFAULT_EPS,
-                   backend="auto", chunk_size=None):
+# The statistics not asked for (rows / cols False) are None.
+@overload
+def lse_statistics(
+    q: Tensor, k: Tensor, scale: Tensor, *, rows: Literal[True], cols: Literal[False],
+    normalize: bool, diag_offset: Optional[int] = ..., row_labels: Optional[Tensor] = ...,
+    col_labels: Optional[Tensor] = ..., same_label: str = ..., eps: float = ...,
+    backend: str = ..., chunk_size: Optional[int] = ...,
+) -> Tuple[Tensor, None]: ...
+
+
+@overload
+def lse_statistics(
+    q: Tensor, k: Tensor, scale: Tensor, *, rows: Literal[True], cols: Literal[True],
+    normalize: bool, diag_offset: Optional[int] = ..., row_labels: Optional[Tensor] = ...,
+    col_labels: Optional[Tensor] = ..., same_label: str = ..., eps: float = ...,
+    backend: str = ..., chunk_size: Optional[int] = ...,
+) -> Tuple[Tensor, Tensor]: ...
+
+
+@overload
+def lse_statistics(
+    q: Tensor, k: Tensor, scale: Tensor, *, rows: bool, cols: bool, normalize: bool,
+    diag_offset: Optional[int] = ..., row_labels: Optional[Tensor] = ...,
+    col_labels: Optional[Tensor] = ..., same_label: str = ..., eps: float = ...,
+    backend: str = ..., chunk_size: Optional[int] = ...,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]: ...
+
+
+def lse_statistics(
+    q: Tensor, k: Tensor, scale: Tensor, *, rows: bool, cols: bool, normalize: bool,
+    diag_offset: Optional[int] = None, row_labels: Optional[Tensor] = None,
+    col_labels: Optional[Tensor] = None, same_label: str = "exclude", eps: float = DEFAULT_EPS,
+    backend: str = "auto", chunk_size: Optional[int] = None,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``similarity_lse`` on arguments already checked, with ``scale`` a 0-d statistics tensor."""
     _check_differentiation("similarity_lse", q, k, scale)
-    if row_labels is not None:
+    if row_labels is not None and col_labels is not None:
         row_labels, col_labels = _contract_labels(row_labels, col_labels)
     lse_row, lse_col = _lse_op(q, k, scale, normalize, float(eps), diag_offset, row_labels,
                                col_labels, same_label == "exclude", rows, cols, backend, chunk_size)

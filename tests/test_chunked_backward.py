@@ -130,6 +130,17 @@ def test_zero_vectors_in_16_bit(dtype, small_chunks, gen):
     assert u[3].abs().sum() > 0 and v[17].abs().sum() > 0  # a zero vector still gets a gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_dimensional_features(dtype, gen):
+    """D = 0: S is 0 everywhere, U and V are empty (seen crashing on an H200: aminmax over D)."""
+    n, m = 6, 4
+    q, k, scale = make_problem(gen, n, m, 0, dtype)
+    grad_row, grad_col = torch.randn(n, generator=gen), torch.randn(m, generator=gen)
+    (u, v, _), _, writer = run(q, k, scale, grad_row, grad_col)
+    assert u.shape == (n, 0) and v.shape == (m, 0) and u.dtype == v.dtype == torch.float32
+    assert writer.chunks == [(0, n)]
+
+
 @pytest.mark.parametrize("norm", [1e-3, 3e2])
 def test_float16_weights_follow_the_inverse_norms(norm, gen):
     # W~ = factor r_i c_j W_ij: with norms far from 1, r_i c_j moves the weights by norm^-2.

@@ -5,6 +5,7 @@ ranks; configuration, fallback, and the example trained with SentenceTransformer
 
 import copy
 import importlib.util
+import inspect
 import re
 import warnings
 
@@ -188,6 +189,20 @@ def test_symmetric_variants_warn_like_theirs_and_match(gen, ours, theirs, extra)
     assert isinstance(our_loss, theirs)
     assert our_loss.get_config_dict() == their_loss.get_config_dict()
     assert_same(our_loss, their_loss, columns(gen, 5, 2))
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss",
+                                  "CachedMultipleNegativesRankingLoss",
+                                  "MultipleNegativesSymmetricRankingLoss",
+                                  "CachedMultipleNegativesSymmetricRankingLoss"])
+def test_constructor_takes_their_parameters_then_backend(name):
+    """Our typed constructors repeat theirs (names, order, defaults), plus keyword-only backend."""
+    def parameters(cls):
+        return [(p.name, p.kind, p.default)
+                for p in inspect.signature(cls.__init__).parameters.values()]
+
+    backend = ("backend", inspect.Parameter.KEYWORD_ONLY, "auto")
+    assert parameters(getattr(fused_st, name)) == parameters(getattr(st_losses, name)) + [backend]
 
 
 @pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import AbstractSet, Any, Dict, List, Optional, Union
+from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -78,7 +78,7 @@ def missing_features(name: str, features: AbstractSet[str]) -> List[str]:
     return sorted(set(features) - _module(name).FEATURES)
 
 
-def _describe_features(features) -> str:
+def _describe_features(features: Iterable[str]) -> str:
     return " and ".join(OPTIONAL_FEATURES[feature] for feature in features)
 
 
@@ -109,7 +109,7 @@ def select_backend(backend: str, device: torch.device, features: AbstractSet[str
 
 
 def get_kernels(backend: str, device: torch.device, features: AbstractSet[str] = frozenset(),
-                dtype: Optional[torch.dtype] = None, **options) -> SimilarityKernels:
+                dtype: Optional[torch.dtype] = None, **options: Any) -> SimilarityKernels:
     """The kernels of ``backend`` ("auto" or a name) for tensors on ``device`` (of ``dtype``) and a
     call that needs the optional ``features``."""
     return _module(select_backend(backend, device, features, dtype)).make_kernels(**options)

@@ -87,6 +87,8 @@ def _gemm_operand(x: Tensor) -> Tensor:
 
 
 def _nonzero_rows(x: Tensor) -> Tensor:
+    if x.shape[1] == 0:  # aminmax refuses an empty reduction
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     low, high = torch.aminmax(x, dim=1)
     return (low != 0) | (high != 0)
 

@@ -25,7 +25,7 @@ def warn_fallback(loss: nn.Module, option: str, original: str) -> None:
                   f"loss object and option", FallbackWarning, stacklevel=3)
 
 
-def original_class(module_name: str, class_name: str, option: str):
+def original_class(module_name: str, class_name: str, option: str) -> type:
     """The original library's class, imported now; an ImportError that names ``option`` (what needs
     it) when the library cannot be imported."""
     try:

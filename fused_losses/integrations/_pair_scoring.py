@@ -7,7 +7,7 @@ score a list of P pairs in O(P D) time and O(P) memory, and reduce pair values p
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -81,7 +81,7 @@ class _PairDots(torch.autograd.Function):
     gathered (P, D) rows are never kept for backward."""
 
     @staticmethod
-    def forward(ctx, u, v, rows, cols):
+    def forward(ctx: Any, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         ctx.save_for_backward(u, v, rows, cols)
         out = u.new_empty(rows.numel())
         for part in _chunks(rows.numel(), u.shape[1]):
@@ -89,7 +89,7 @@ class _PairDots(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
         u, v, rows, cols = ctx.saved_tensors
         grad_u = torch.zeros_like(u) if ctx.needs_input_grad[0] else None
         grad_v = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
@@ -102,7 +102,7 @@ class _PairDots(torch.autograd.Function):
         return grad_u, grad_v, None, None
 
 
-def _chunks(pairs: int, dim: int):
+def _chunks(pairs: int, dim: int) -> Iterator[slice]:
     step = max(1, _PAIR_CHUNK_ELEMENTS // max(dim, 1))
     return (slice(start, min(start + step, pairs)) for start in range(0, pairs, step))
 

@@ -41,6 +41,9 @@ class MemoryBank(nn.Module):
     (num_features, dim); None when disabled), and enqueues ``output`` if ``update``.
     """
 
+    bank: Tensor
+    bank_ptr: Tensor
+
     def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False,
                  feature_dim_first: bool = True):
         super().__init__()

@@ -53,7 +53,7 @@ def _check_options(flags: Dict[str, object], rank: int, world_size: int, backend
     check.check_backend(backend)
 
 
-def _as_output(loss: Tensor, output_dict: bool):
+def _as_output(loss: Tensor, output_dict: bool) -> Union[Tensor, Dict[str, Tensor]]:
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -95,8 +95,9 @@ class ClipLoss(nn.Module):
             self._original = original(local_loss, gather_with_grad, cache_labels, rank, world_size,
                                       use_horovod)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
-                logit_bias: Optional[Tensor] = None, output_dict: bool = False):
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
+                logit_bias: Optional[Tensor] = None,
+                output_dict: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
         if self._original is not None:
             warn_fallback(self, _HOROVOD, "open_clip.loss.ClipLoss")
             return self._original(image_features, text_features, logit_scale, logit_bias, output_dict)

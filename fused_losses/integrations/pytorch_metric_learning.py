@@ -24,7 +24,7 @@ labels, a temperature that is not a positive number.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,11 @@ from fused_losses.primitives import lse_statistics, statistics_dtype
 
 # A reason a call is not fused: the option responsible, as the fallback warning names it.
 Reason = str
+# What pytorch-metric-learning's compute_loss returns: {"loss": {"losses", "indices",
+# "reduction_type"}}.
+LossDict = Dict[str, Dict[str, Any]]
+# A miner's (anchors, positives, negatives) or (anchors, positives, anchors', negatives) indices.
+IndicesTuple = Tuple[Tensor, ...]
 
 
 class _FusedDistance(NamedTuple):
@@ -67,7 +72,7 @@ class _FusedDistance(NamedTuple):
         return torch.cat([y, -0.5 * y.square().sum(dim=1, keepdim=True)], 1)
 
 
-def _fused_distance(distance) -> Union[_FusedDistance, Reason]:
+def _fused_distance(distance: pml_distances.BaseDistance) -> Union[_FusedDistance, Reason]:
     kind = type(distance)
     described = (f"distance={kind.__name__}(normalize_embeddings={distance.normalize_embeddings}, "
                  f"p={distance.p}, power={distance.power})")
@@ -80,7 +85,7 @@ def _fused_distance(distance) -> Union[_FusedDistance, Reason]:
     return described
 
 
-def _inverse_temperature(temperature, like: Tensor) -> Union[Tensor, Reason]:
+def _inverse_temperature(temperature: Any, like: Tensor) -> Union[Tensor, Reason]:
     """1 / temperature as a 0-d statistics tensor (differentiable if the temperature is), or the
     reason there is none: not a number > 0 that the loss's dtype can hold."""
     try:
@@ -89,7 +94,8 @@ def _inverse_temperature(temperature, like: Tensor) -> Union[Tensor, Reason]:
         return f"temperature={temperature!r}"
 
 
-def _record_distance_stats(distance, query: Tensor, reference: Tensor) -> None:
+def _record_distance_stats(distance: pml_distances.BaseDistance, query: Tensor,
+                           reference: Tensor) -> None:
     """The statistics the distance records when it computes a matrix (with collect_stats)."""
     if distance.collect_stats:
         distance.reset_stats()
@@ -102,13 +108,13 @@ class _Scorer:
     references (M), through the primitive or for listed pairs."""
 
     def __init__(self, distance: _FusedDistance, inverse_temperature: Tensor, rows: Tensor,
-                 references: Tensor, backend: str):
+                 references: Tensor, backend: str) -> None:
         self.q, self.k = distance.query_operand(rows), distance.reference_operand(references)
         self.normalize, self.backend = distance.normalize, backend
         self.scale = distance.scale_factor * inverse_temperature
         self.u, self.v = _embed(self.q, self.normalize), _embed(self.k, self.normalize)
 
-    def row_lse(self, **mask) -> Tensor:
+    def row_lse(self, **mask: Any) -> Tensor:
         """(N,) log sum_j exp(S_ij) over the entries ``mask`` (lse_statistics' masks) keeps."""
         lse_row, _ = lse_statistics(self.q, self.k, self.scale, rows=True, cols=False,
                                     normalize=self.normalize, backend=self.backend, **mask)
@@ -142,16 +148,18 @@ class _PairCall(NamedTuple):
                                    same_label="exclude")
 
 
-def _integer_labels(**labels) -> Optional[Reason]:
-    for name, value in labels.items():
-        if value is None:
-            return f"{name}=None"
+def _class_ids(labels: Optional[Tensor], ref_labels: Optional[Tensor]) -> Union[ClassIds, Reason]:
+    """The labels as class indices, or why they are not fused: missing, or not integers."""
+    if labels is None or ref_labels is None:
+        return "labels=None" if labels is None else "ref_labels=None"
+    for name, value in (("labels", labels), ("ref_labels", ref_labels)):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             return f"{name} of dtype {value.dtype}"
-    return None
+    return ClassIds.of(labels, ref_labels)
 
 
-def _pair_call(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+def _pair_call(loss: _FusedPairLoss, embeddings: Tensor, labels: Optional[Tensor],
+               indices_tuple: Optional[IndicesTuple], ref_emb: Tensor, ref_labels: Optional[Tensor],
                same_label_positives: bool) -> Union[_PairCall, Reason]:
     """The fused form of a GenericPairLoss call (NTXentLoss, SupConLoss), or why there is none.
     ``same_label_positives``: the loss needs given positive pairs to have equal labels (else
@@ -164,10 +172,9 @@ def _pair_call(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
         return inverse_temperature
     if ref_emb is not embeddings and ref_labels is None:
         return "ref_emb without ref_labels"
-    reason = _integer_labels(labels=labels, ref_labels=ref_labels)
-    if reason is not None:
-        return reason
-    classes = ClassIds.of(labels, ref_labels)
+    classes = _class_ids(labels, ref_labels)
+    if isinstance(classes, Reason):
+        return classes
     exclude_self = ref_labels is labels  # as pytorch-metric-learning decides it
     positive_count, negative_count = classes.pair_counts(exclude_self)
     positive_pairs = None
@@ -182,18 +189,18 @@ def _pair_call(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
     return _PairCall(scorer, classes, exclude_self, positive_count, negative_count, positive_pairs)
 
 
-class _Fused:
+class _Fused(pml_losses.BaseMetricLossFunction):
     """Shared by the three losses: the ``backend`` keyword (the other arguments are those of
     ``_original``, the pytorch-metric-learning class a loss subclasses) and the fallback to it."""
 
-    _original: type
+    _original: Type[pml_losses.BaseMetricLossFunction]
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check.check_backend(backend)
         self.backend = backend
 
-    def _fallback(self, reason: Reason, *arguments):
+    def _fallback(self, reason: Reason, *arguments: Any) -> LossDict:
         warn_fallback(self, reason, f"pytorch_metric_learning.losses.{self._original.__name__}")
         return self._original.compute_loss(self, *arguments)
 
@@ -204,7 +211,9 @@ class _FusedPairLoss(_Fused):
     # Whether given positive pairs must have equal labels (else the original raises, and should).
     _same_label_positives: bool
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(self, embeddings: Tensor, labels: Optional[Tensor],
+                     indices_tuple: Optional[IndicesTuple], ref_emb: Tensor,
+                     ref_labels: Optional[Tensor]) -> LossDict:
         call = _pair_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels,
                           self._same_label_positives)
         if isinstance(call, Reason):
@@ -214,7 +223,7 @@ class _FusedPairLoss(_Fused):
         _record_distance_stats(self.distance, embeddings, ref_emb)
         return {"loss": self._losses(call, embeddings)}
 
-    def _losses(self, call: _PairCall, embeddings: Tensor) -> dict:
+    def _losses(self, call: _PairCall, embeddings: Tensor) -> Dict[str, Any]:
         """The loss entry (losses, indices, reduction_type) of pytorch-metric-learning's loss dict."""
         raise NotImplementedError
 
@@ -230,7 +239,7 @@ class NTXentLoss(_FusedPairLoss, pml_losses.NTXentLoss):
     _original = pml_losses.NTXentLoss
     _same_label_positives = False
 
-    def _losses(self, call: _PairCall, embeddings: Tensor) -> dict:
+    def _losses(self, call: _PairCall, embeddings: Tensor) -> Dict[str, Any]:
         rows, refs = call.positive_pairs or call.classes.positive_pairs(call.exclude_self)
         log_ratio = F.logsigmoid(call.scorer.pair_scores(rows, refs) - call.negative_lse()[rows])
         tiny = torch.finfo(embeddings.dtype).tiny
@@ -252,11 +261,11 @@ class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
     _original = pml_losses.SupConLoss
     _same_label_positives = True
 
-    def _losses(self, call: _PairCall, embeddings: Tensor) -> dict:
+    def _losses(self, call: _PairCall, embeddings: Tensor) -> Dict[str, Any]:
         if call.positive_pairs is None:
             count, positive_sum, lse = self._all_label_terms(call)
         else:
-            count, positive_sum, lse = self._given_pair_terms(call)
+            count, positive_sum, lse = self._given_pair_terms(call, call.positive_pairs)
         # Like pytorch-metric-learning: a row without positives has loss 0 / tiny = 0; masking both
         # terms keeps its gradient 0 (1 / tiny times a zero vector would overflow to NaN).
         without = count == 0
@@ -266,7 +275,7 @@ class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
                 "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}
 
     @staticmethod
-    def _all_label_terms(call: _PairCall):
+    def _all_label_terms(call: _PairCall) -> Tuple[Tensor, Tensor, Tensor]:
         scorer, classes = call.scorer, call.classes
         count = classes.positives_per_row(call.exclude_self).to(scorer.u.dtype)
         class_sums = scorer.v.new_zeros(classes.ref_counts.numel(), scorer.v.shape[1])
@@ -278,9 +287,10 @@ class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
         return count, positive_sum, lse
 
     @staticmethod
-    def _given_pair_terms(call: _PairCall):
+    def _given_pair_terms(call: _PairCall,
+                          positive_pairs: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         scorer, num_rows = call.scorer, call.classes.rows.numel()
-        rows, refs = unique_pairs(*call.positive_pairs, call.classes.refs.numel())
+        rows, refs = unique_pairs(*positive_pairs, call.classes.refs.numel())
         scores = scorer.pair_scores(rows, refs)
         count = torch.bincount(rows, minlength=num_rows).to(scores.dtype)
         positive_sum = scores.new_zeros(num_rows).index_add(0, rows, scores)
@@ -309,8 +319,11 @@ class NPairsLoss(_Fused, pml_losses.NPairsLoss):
 
     _original = pml_losses.NPairsLoss
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(self, embeddings: Tensor, labels: Optional[Tensor],
+                     indices_tuple: Optional[IndicesTuple], ref_emb: Tensor,
+                     ref_labels: Optional[Tensor]) -> LossDict:
         c_f.labels_required(labels)
+        assert labels is not None  # labels_required raised otherwise (mypy cannot see it)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         distance = _fused_distance(self.distance)
         if isinstance(distance, Reason):

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import tqdm
+from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
 from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import cos_sim, dot_score
@@ -35,11 +36,17 @@ from torch import Tensor
 
 from fused_losses import _validation as check
 from fused_losses import distributed, functional
-from fused_losses.gradient_cache import ChunkedEmbeddings, Tower
+from fused_losses.gradient_cache import ChunkedEmbeddings, Progress, Tower
 from fused_losses.primitives import as_scalar_tensor, lse_statistics, statistics_dtype
 
 # similarity_fct -> the primitives' normalize flag
 _NORMALIZE = ((cos_sim, True), (dot_score, False))
+
+# The option types of sentence-transformers' constructors.
+_Similarity = Callable[[Tensor, Tensor], Tensor]
+_Direction = Literal["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]
+_PartitionMode = Literal["joint", "per_direction"]
+_HardnessMode = Literal["in_batch_negatives", "hard_negatives", "all_negatives"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +54,8 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=4)
 
 
-def fused_normalize(loss) -> Optional[bool]:
+def fused_normalize(loss: Union[st_losses.MultipleNegativesRankingLoss,
+                                 st_losses.CachedMultipleNegativesRankingLoss]) -> Optional[bool]:
     """The normalize flag for ``loss.similarity_fct``; None (after a warning, once per class and
     similarity) when the fused scoring cannot compute it and their implementation must."""
     normalize = next((flag for fct, flag in _NORMALIZE if loss.similarity_fct is fct), None)
@@ -63,12 +71,12 @@ class _ScaledGradient(torch.autograd.Function):
     """Identity forward; the gradient times ``factor`` backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
         return grad * ctx.factor, None
 
 
@@ -78,8 +86,10 @@ def _row_lse(q: Tensor, k: Tensor, scale: Tensor, normalize: bool, backend: str,
                           diag_offset=diag_offset, backend=backend)[0]
 
 
-def _query_to_doc_pieces(queries, u, docs, all_docs, positive, scale, *, penalty, hardness_mode,
-                         normalize, backend) -> List[Tensor]:
+def _query_to_doc_pieces(queries: Tensor, u: Tensor, docs: Sequence[Tensor],
+                         all_docs: Sequence[distributed.GatheredRows], positive: Tensor,
+                         scale: Tensor, *, penalty: float, hardness_mode: Optional[str],
+                         normalize: bool, backend: str) -> List[Tensor]:
     """Row log-sum-exp pieces (n,) of the query_to_doc logits, hardness penalty included.
 
     Without a penalty: one pass over all documents. With one, each column block c of documents
@@ -135,18 +145,17 @@ def ranking_loss(queries: Tensor, docs: Sequence[Tensor], *, scale: float, norma
     lse = functools.partial(_row_lse, scale=scale_tensor, normalize=normalize, backend=backend)
     all_docs = [distributed.gather_rows(d, gather_across_devices) for d in docs]
     offset, counts = all_docs[0].offset, all_docs[0].row_counts
-    all_queries = None
-    if {"query_to_query", "doc_to_query"} & set(directions):
-        all_queries = distributed.gather_rows(queries, gather_across_devices, counts=counts).rows
     u = functional._embed(queries, normalize)
     positive = scale_tensor * (u * functional._embed(docs[0], normalize)).sum(dim=1)
     pieces = {"query_to_doc": _query_to_doc_pieces(
         queries, u, docs, all_docs, positive, scale_tensor, penalty=penalty,
         hardness_mode=hardness_mode, normalize=normalize, backend=backend)}
-    if "query_to_query" in directions:
-        pieces["query_to_query"] = [lse(queries, all_queries, diag_offset=offset)]
-    if "doc_to_query" in directions:
-        pieces["doc_to_query"] = [lse(docs[0], all_queries)]
+    if {"query_to_query", "doc_to_query"} & set(directions):
+        all_queries = distributed.gather_rows(queries, gather_across_devices, counts=counts).rows
+        if "query_to_query" in directions:
+            pieces["query_to_query"] = [lse(queries, all_queries, diag_offset=offset)]
+        if "doc_to_query" in directions:
+            pieces["doc_to_query"] = [lse(docs[0], all_queries)]
     if "doc_to_doc" in directions:
         # The documents of the same query are the diagonal of each column block.
         pieces["doc_to_doc"] = [lse(docs[0], gathered.rows, diag_offset=offset)
@@ -159,10 +168,10 @@ def ranking_loss(queries: Tensor, docs: Sequence[Tensor], *, scale: float, norma
     return functional._reduce(log_z - positive, "mean", len(counts), sum(counts))
 
 
-class _FusedScoring:
+class _FusedScoring(st_losses.MultipleNegativesRankingLoss):
     """MultipleNegativesRankingLoss.compute_loss_from_embeddings by ``ranking_loss``."""
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check.check_backend(backend)
         self.backend = backend
@@ -171,6 +180,10 @@ class _FusedScoring:
         normalize = fused_normalize(self)
         if normalize is None:
             return super().compute_loss_from_embeddings(embeddings, labels)
+        return self._fused_loss(embeddings, normalize)
+
+    def _fused_loss(self, embeddings: Sequence[Tensor], normalize: bool) -> Tensor:
+        """``ranking_loss`` of the columns (anchors, positives, hard negatives...)."""
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         if len({e.shape[0] for e in embeddings}) > 1:
@@ -188,24 +201,37 @@ class MultipleNegativesRankingLoss(_FusedScoring, st_losses.MultipleNegativesRan
     """sentence-transformers' MultipleNegativesRankingLoss, fused: same arguments plus
     ``backend``, same loss and gradients, no N x N (1 + negatives) logits."""
 
+    def __init__(self, model: SentenceTransformer, scale: float = 20.0,
+                 similarity_fct: _Similarity = cos_sim, gather_across_devices: bool = False,
+                 directions: Tuple[_Direction, ...] = ("query_to_doc",),
+                 partition_mode: _PartitionMode = "joint",
+                 hardness_mode: Optional[_HardnessMode] = None, hardness_strength: float = 0.0, *,
+                 backend: str = "auto") -> None:
+        super().__init__(model, scale, similarity_fct, gather_across_devices, directions,
+                         partition_mode, hardness_mode, hardness_strength, backend=backend)
 
-def _sentence_embedding(model, features):
+
+def _sentence_embedding(model: SentenceTransformer, features: Dict[str, Any]) -> Tensor:
     return model(features)["sentence_embedding"]
 
 
-def _replay(cache: ChunkedEmbeddings, gradients, progress, grad_output: Tensor) -> None:
+def _replay(cache: ChunkedEmbeddings, gradients: List[List[Optional[Tensor]]], progress: Progress,
+            grad_output: Tensor) -> None:
     cache.replay(gradients, grad_scale=grad_output, progress=progress)
 
 
-class _FusedGradientCache:
+class _FusedGradientCache(st_losses.CachedMultipleNegativesRankingLoss):
     """CachedMultipleNegativesRankingLoss with fused_losses.gradient_cache's embedding passes and
     one fused loss over the whole batch; the wrapped ``loss`` is the fused
     MultipleNegativesRankingLoss."""
 
-    _delegated_to_wrapped_loss = (
+    # Theirs is a tuple of exactly 7 names to mypy; ours has an 8th.
+    _delegated_to_wrapped_loss = (  # type: ignore[assignment]
         *st_losses.CachedMultipleNegativesRankingLoss._delegated_to_wrapped_loss, "backend")
+    loss: MultipleNegativesRankingLoss
 
-    def __init__(self, model, *args, backend: str = "auto", **kwargs):
+    def __init__(self, model: SentenceTransformer, *args: Any, backend: str = "auto",
+                 **kwargs: Any) -> None:
         super().__init__(model, *args, **kwargs)
         # Their constructor validated the options on their wrapped loss; the same, fused:
         options = st_losses.CachedMultipleNegativesRankingLoss._delegated_to_wrapped_loss
@@ -216,23 +242,24 @@ class _FusedGradientCache:
     def backend(self) -> str:
         return self.loss.backend
 
-    def _progress(self, items, description):
+    def _progress(self, items: Iterable, description: str) -> Iterable:
         return tqdm.tqdm(items, desc=description, disable=not self.show_progress_bar)
 
     def calculate_loss(self, reps: List[List[Tensor]], labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:
         """The loss over the whole batch of mini-batch embeddings ``reps`` (reps[column][chunk]),
         back-propagated to them when ``with_backward`` (and then returned detached)."""
-        if fused_normalize(self) is None:
+        normalize = fused_normalize(self)
+        if normalize is None:
             return super().calculate_loss(reps, labels, with_backward=with_backward)
-        loss = self.loss.compute_loss_from_embeddings([torch.cat(chunks) for chunks in reps],
-                                                      labels)
+        loss = self.loss._fused_loss([torch.cat(chunks) for chunks in reps], normalize)
         if with_backward:
             loss.backward()
             loss = loss.detach()
         return loss
 
-    def forward_cached(self, sentence_features, labels: Optional[Tensor] = None) -> Tensor:
+    def forward_cached(self, sentence_features: Iterable[Dict[str, Tensor]],
+                       labels: Optional[Tensor] = None) -> Tensor:
         """Embed every mini-batch without a graph, compute the loss and its gradients with
         respect to the embeddings, and return the loss, whose backward re-embeds each mini-batch
         (same random state) and back-propagates its gradients times the upstream gradient."""
@@ -259,6 +286,24 @@ class CachedMultipleNegativesRankingLoss(_FusedGradientCache,
     """sentence-transformers' CachedMultipleNegativesRankingLoss, fused: same arguments plus
     ``backend``, same loss and gradients; one loss call over the whole batch."""
 
+    def __init__(self, model: SentenceTransformer, scale: float = 20.0,
+                 similarity_fct: _Similarity = cos_sim, mini_batch_size: int = 32,
+                 mini_batch_num_tokens: Optional[int] = None, gather_across_devices: bool = False,
+                 directions: Tuple[_Direction, ...] = ("query_to_doc",),
+                 partition_mode: _PartitionMode = "joint", show_progress_bar: bool = False,
+                 hardness_mode: Optional[_HardnessMode] = None, hardness_strength: float = 0.0, *,
+                 backend: str = "auto") -> None:
+        super().__init__(model, scale, similarity_fct, mini_batch_size, mini_batch_num_tokens,
+                         gather_across_devices, directions, partition_mode, show_progress_bar,
+                         hardness_mode, hardness_strength, backend=backend)
+
+
+def _warn_deprecated(their_class: type) -> None:
+    """Their deprecation warning, at the line instantiating our subclass of ``their_class``."""
+    # typing_extensions.deprecated sets __deprecated__, which typeshed's type does not declare.
+    message = their_class.__deprecated__  # type: ignore[attr-defined]
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
+
 
 with warnings.catch_warnings():
     # Subclassing sentence-transformers' deprecated classes warns; instantiating ours warns below.
@@ -268,17 +313,22 @@ with warnings.catch_warnings():
             _FusedScoring, st_losses.MultipleNegativesSymmetricRankingLoss):
         """sentence-transformers' MultipleNegativesSymmetricRankingLoss (deprecated there), fused."""
 
-        def __init__(self, *args, **kwargs):
-            warnings.warn(st_losses.MultipleNegativesSymmetricRankingLoss.__deprecated__,
-                          DeprecationWarning, stacklevel=2)
-            super().__init__(*args, **kwargs)
+        def __init__(self, model: SentenceTransformer, scale: float = 20.0,
+                     similarity_fct: _Similarity = cos_sim, gather_across_devices: bool = False, *,
+                     backend: str = "auto") -> None:
+            _warn_deprecated(st_losses.MultipleNegativesSymmetricRankingLoss)
+            super().__init__(model, scale, similarity_fct, gather_across_devices, backend=backend)
 
     class CachedMultipleNegativesSymmetricRankingLoss(
             _FusedGradientCache, st_losses.CachedMultipleNegativesSymmetricRankingLoss):
         """sentence-transformers' CachedMultipleNegativesSymmetricRankingLoss (deprecated there),
         fused."""
 
-        def __init__(self, *args, **kwargs):
-            warnings.warn(st_losses.CachedMultipleNegativesSymmetricRankingLoss.__deprecated__,
-                          DeprecationWarning, stacklevel=2)
-            super().__init__(*args, **kwargs)
+        def __init__(self, model: SentenceTransformer, scale: float = 20.0,
+                     similarity_fct: _Similarity = cos_sim, mini_batch_size: int = 32,
+                     mini_batch_num_tokens: Optional[int] = None,
+                     gather_across_devices: bool = False, show_progress_bar: bool = False, *,
+                     backend: str = "auto") -> None:
+            _warn_deprecated(st_losses.CachedMultipleNegativesSymmetricRankingLoss)
+            super().__init__(model, scale, similarity_fct, mini_batch_size, mini_batch_num_tokens,
+                             gather_across_devices, show_progress_bar, backend=backend)

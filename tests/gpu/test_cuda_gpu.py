@@ -278,7 +278,10 @@ def test_weights_writer_matches_dense(ready, dtype):
          softmax_shares(s, lse_col, 0) * grad_col.double()[None, :])[start:stop]
     want = row_scale.double()[:, None] * col_scale.double()[None, :] * w
     assert torch.isnan(buffer[:, m:]).all()  # the padding is not written
-    assert_close(buffer[:, :m], want, {BF16: 8e-3, FP16: 1e-3, FP32: 1e-4}[dtype], True, "weights")
+    # fp32 (split TF32): most likely the tensor cores' truncating accumulation, an error that grows
+    # with D and reaches S by scale x that: 1.6e-4 relative at D = 200, scale 100 on an H200
+    # (IEEE fp32 gives 2e-5). The losses' own fp32 tolerance is checked in test_losses_gpu.
+    assert_close(buffer[:, :m], want, {BF16: 8e-3, FP16: 1e-3, FP32: 4e-4}[dtype], True, "weights")
     masked = torch.isneginf(s[start:stop])
     assert (buffer[:, :m][masked] == 0).all()
 

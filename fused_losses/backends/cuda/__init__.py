@@ -29,7 +29,7 @@ MIN_SHARED_MEMORY_PER_BLOCK = 108 * 1024
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Optional features of the contract (fused_losses.backends.base) implemented here.
-FEATURES = frozenset({LABEL_MASK})
+FEATURES: frozenset[str] = frozenset({LABEL_MASK})
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:

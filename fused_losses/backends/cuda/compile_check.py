@@ -141,7 +141,8 @@ def _branch_target(text: str) -> Optional[int]:
 def _basic_blocks(instructions: List[Tuple[int, str]]) -> List[List[Tuple[int, str]]]:
     """Split before every branch target and after every branch or exit."""
     targets = {target for _, text in instructions if (target := _branch_target(text)) is not None}
-    blocks, block = [], []
+    blocks: List[List[Tuple[int, str]]] = []
+    block: List[Tuple[int, str]] = []
     for address, text in instructions:
         if address in targets and block:
             blocks.append(block)

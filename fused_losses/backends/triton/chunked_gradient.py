@@ -90,7 +90,7 @@ def weights_writer(sim: Similarity, terms: WeightTerms, weights, sum_weights: bo
                    SUM_WEIGHTS=sum_weights, **terms.flags(), **sim.tile_options(config))
     term_args = terms.kernel_args(config.block_n)
     num_col_blocks = launch.cdiv(sim.m, config.block_n)
-    resident = []  # programs per launch, from the first chunk's kernel (every chunk compiles alike)
+    resident: list[int] = []  # programs per launch, from the first chunk's kernel (every chunk compiles alike)
 
     def write_weights(out: Tensor, start: int, stop: int, row_scale: Tensor, col_scale: Tensor) -> Optional[Tensor]:
         num_row_blocks = launch.cdiv(stop - start, config.block_m)

@@ -105,7 +105,7 @@ class _Sm90Driver:
 class Launch:
     kernel: str
     grid: tuple
-    compiled: object
+    compiled: triton.compiler.CompiledKernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +136,7 @@ def loop_waits(ttgir: str) -> Dict[str, int]:
     num = 0) inside scf.for loops: all of them, and those run on every iteration (not under an
     scf.if of the loop)."""
     stack: List[str] = []
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     for raw in ttgir.splitlines():
         line = re.sub(r"\s*loc\(.*\)\s*$", "", raw).strip()
         if line.startswith("}"):
