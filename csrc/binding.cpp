@@ -88,6 +88,13 @@ WeightsChunk weights_chunk(const SimilarityProblem& problem, int64_t row_start, 
           device_pointer<const float>(col_scale)};
 }
 
+// The label mask is a feature of the log-sum-exp only.
+void check_no_labels(const SimilarityProblem& problem, const char* name) {
+  if (problem.row_labels != nullptr) {
+    throw std::invalid_argument(std::string(name) + ": the label mask applies to the log-sum-exp only");
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -114,7 +121,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<SimilarityProblem>(m, "SimilarityProblem", py::module_local())
       .def(py::init([](DType dtype, uintptr_t q, int64_t q_row_stride, uintptr_t k, int64_t k_row_stride, int64_t n,
                        int64_t m, int64_t d, uintptr_t inv_norm_q, uintptr_t inv_norm_k, uintptr_t scale,
-                       bool has_mask, int64_t diag_offset) {
+                       bool has_mask, int64_t diag_offset, uintptr_t row_labels, uintptr_t col_labels,
+                       bool exclude_same_label) {
              if (n <= 0 || m <= 0 || d < 0) {
                throw std::invalid_argument("SimilarityProblem: needs n > 0, m > 0 and d >= 0 (got n=" +
                                            std::to_string(n) + ", m=" + std::to_string(m) + ", d=" +
@@ -129,6 +137,10 @@ PYBIND11_MODULE(_C, m) {
                                              std::to_string(d) + ")");
                }
              }
+             if ((row_labels == 0) != (col_labels == 0)) {
+               throw std::invalid_argument("SimilarityProblem: a label mask needs row_labels and col_labels (got " +
+                                           std::string(row_labels == 0 ? "col_labels" : "row_labels") + " only)");
+             }
              return SimilarityProblem{dtype,
                                       device_pointer<const void>(q),
                                       q_row_stride,
@@ -141,11 +153,15 @@ PYBIND11_MODULE(_C, m) {
                                       device_pointer<const float>(inv_norm_k),
                                       device_pointer<const float>(scale),
                                       has_mask,
-                                      diag_offset};
+                                      diag_offset,
+                                      device_pointer<const int64_t>(row_labels),
+                                      device_pointer<const int64_t>(col_labels),
+                                      exclude_same_label};
            }),
            py::kw_only(), py::arg("dtype"), py::arg("q"), py::arg("q_row_stride"), py::arg("k"),
            py::arg("k_row_stride"), py::arg("n"), py::arg("m"), py::arg("d"), py::arg("inv_norm_q"),
-           py::arg("inv_norm_k"), py::arg("scale"), py::arg("has_mask"), py::arg("diag_offset"));
+           py::arg("inv_norm_k"), py::arg("scale"), py::arg("has_mask"), py::arg("diag_offset"),
+           py::arg("row_labels") = 0, py::arg("col_labels") = 0, py::arg("exclude_same_label") = false);
 
   py::class_<Launch>(m, "Launch", py::module_local())
       .def(py::init([](int device, uintptr_t stream, int num_sms, bool fp32_single_pass_tf32, size_t workspace_limit) {
@@ -186,6 +202,7 @@ PYBIND11_MODULE(_C, m) {
       "softplus_forward",
       [](const SimilarityProblem& problem, uintptr_t bias, uintptr_t sp_row, uintptr_t workspace,
          size_t workspace_bytes, const Launch& launch) {
+        check_no_labels(problem, "softplus_forward");
         const size_t required = fused_losses::softplus_forward_workspace_bytes(problem, launch.config);
         run("softplus_forward", launch, required, workspace, workspace_bytes, [&](void* ws) {
           return fused_losses::softplus_forward(problem, device_pointer<const float>(bias),
@@ -228,6 +245,7 @@ PYBIND11_MODULE(_C, m) {
       [](const SimilarityProblem& problem, uintptr_t bias, uintptr_t grad_row, int64_t row_start, int64_t row_stop,
          uintptr_t out, int64_t out_row_stride, uintptr_t row_scale, uintptr_t col_scale, uintptr_t weight_sum,
          uintptr_t workspace, size_t workspace_bytes, const Launch& launch) {
+        check_no_labels(problem, "softplus_weights");
         const WeightsChunk chunk =
             weights_chunk(problem, row_start, row_stop, out, out_row_stride, row_scale, col_scale);
         const size_t required = fused_losses::softplus_weights_workspace_bytes(problem, chunk, launch.config);

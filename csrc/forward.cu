@@ -21,6 +21,7 @@ __device__ __forceinline__ float quad_sum(float value) {
 struct LseRows {
   using State = LseState;
   static constexpr bool kColumnStatistics = true;
+  static constexpr bool kLabelMask = true;
   __device__ static LseRows make(const float* /*shift*/) { return {}; }
   static FL_HOST_DEVICE State empty() { return lse_empty(); }
   static FL_HOST_DEVICE State merge(State a, State b) { return lse_merge(a, b); }
@@ -45,6 +46,7 @@ struct LseRows {
 struct SoftplusRows {
   using State = float;
   static constexpr bool kColumnStatistics = false;
+  static constexpr bool kLabelMask = false;
   float shift2;  // bias * log2(e)
   __device__ static SoftplusRows make(const float* shift) { return {*shift * kLog2E}; }
   static FL_HOST_DEVICE State empty() { return 0.f; }
@@ -59,13 +61,13 @@ struct SoftplusRows {
   }
 };
 
-// The forward's work on each tile of one CTA's row block: S2 from the accumulators, then the
-// tile's row states merged into the running ones and, with kColumns, the tile's column
-// log-sum-exp states. (Rows are always reduced: a call for column statistics alone is rare and
-// pays one exponential more per entry.)
+// The forward's work on each tile of one CTA's row block: S2 from the accumulators (with kLabels,
+// label-masked), then the tile's row states merged into the running ones and, with kColumns, the
+// tile's column log-sum-exp states. (Rows are always reduced: a call for column statistics alone
+// is rare and pays one exponential more per entry.)
 // The running row states live in shared memory, one per (warp column, row), kept by the first
 // lane of the row's quad: no registers are held across tiles.
-template <class Reduction, bool kColumns>
+template <class Reduction, bool kColumns, bool kLabels>
 class ForwardEpilogue {
  public:
   using State = typename Reduction::State;
@@ -78,6 +80,7 @@ class ForwardEpilogue {
     vectors().stage_rows(row0, [&](int64_t row) {
       return Factor{row_similarity_factor(scale_log2, problem.inv_norm_q, row, problem.n)};
     });
+    MaskLabels<kLabels>::stage_rows(problem, row0);
     if (ThreadTile::lane() % 4 == 0) {
 #pragma unroll
       for (int i = 0; i < kThreadRows; ++i) running_state(i) = Reduction::empty();
@@ -87,12 +90,13 @@ class ForwardEpilogue {
   __device__ void stage_columns(int buffer, int64_t col0) {
     vectors().stage_columns(buffer, col0,
                             [&](int64_t col) { return Factor{col < problem_.m ? problem_.inv_norm_k[col] : 0.f}; });
+    MaskLabels<kLabels>::stage_columns(problem_, buffer, col0);
   }
 
   __device__ void tile(TileAccumulator& acc, int64_t col0, int buffer) {
     const ThreadTile thread = ThreadTile::current();
-    similarity_log2(acc, thread, vectors().rows, vectors().columns[buffer], thread.mask(problem_, row0_, col0), row0_,
-                    col0);
+    similarity_log2(acc, thread, vectors().rows, vectors().columns[buffer],
+                    thread.mask<kLabels>(problem_, row0_, col0, buffer), row0_, col0);
 #pragma unroll
     for (int i = 0; i < kThreadRows; ++i) {
       const State state = reduction_.reduce_tile_row(acc, i);
@@ -183,13 +187,14 @@ class ForwardEpilogue {
 // One CTA: row block first_row_block + blockIdx.y against the column tiles of split blockIdx.x
 // (see ForwardPlan). Leaves the Reduction state of each of its rows over its columns in
 // row_partials[split][row] and, with kColumns, the log-sum-exp state of each column over its
-// rows in column_partials[blockIdx.y][col]. shift (nullable) is read by Reduction::make.
-template <class Config, class Reduction, bool kColumns>
+// rows in column_partials[blockIdx.y][col]. shift (nullable) is read by Reduction::make. kLabels:
+// the problem has a label mask.
+template <class Config, class Reduction, bool kColumns, bool kLabels>
 __global__ void __launch_bounds__(kThreads, Config::kMinCtasPerSm)
     forward_kernel(SimilarityProblem problem, const float* shift, ColumnSplit split, int64_t first_row_block,
                    typename Reduction::State* row_partials, LseState* column_partials) {
   const int64_t row0 = (first_row_block + blockIdx.y) * kTileRows;
-  ForwardEpilogue<Reduction, kColumns> epilogue(problem, Reduction::make(shift), row0,
+  ForwardEpilogue<Reduction, kColumns, kLabels> epilogue(problem, Reduction::make(shift), row0,
                                                 kColumns ? column_partials + blockIdx.y * problem.m : nullptr);
   sweep_column_tiles<Config>(problem, row0, split_tiles(split, static_cast<int>(blockIdx.x)), epilogue);
   epilogue.finish_rows(row_partials + blockIdx.x * problem.n);
@@ -231,7 +236,7 @@ template <class Reduction>
 cudaError_t launch_forward(const SimilarityProblem& problem, const float* shift, float* row_out, float* col_out,
                            void* workspace, const LaunchConfig& config) {
   if (!is_valid(problem) || (row_out == nullptr && col_out == nullptr) || workspace == nullptr ||
-      (col_out != nullptr && !Reduction::kColumnStatistics)) {
+      (col_out != nullptr && !Reduction::kColumnStatistics) || (has_labels(problem) && !Reduction::kLabelMask)) {
     return cudaErrorInvalidValue;
   }
   const bool want_cols = col_out != nullptr;
@@ -243,9 +248,14 @@ cudaError_t launch_forward(const SimilarityProblem& problem, const float* shift,
 
   return dispatch_input_type(problem.dtype, config.fp32_single_pass_tf32, [&](auto tag) {
     using Config = decltype(tag);
-    auto* kernel = forward_kernel<Config, Reduction, false>;
+    auto* kernel = forward_kernel<Config, Reduction, false, false>;
     if constexpr (Reduction::kColumnStatistics) {
-      if (want_cols) kernel = forward_kernel<Config, Reduction, true>;
+      if (want_cols) kernel = forward_kernel<Config, Reduction, true, false>;
+    }
+    if constexpr (Reduction::kLabelMask) {
+      if (has_labels(problem)) {
+        kernel = want_cols ? forward_kernel<Config, Reduction, true, true> : forward_kernel<Config, Reduction, false, true>;
+      }
     }
     int ctas_per_sm = 0;
     FL_RETURN_IF_ERROR(prepare_pipeline_kernel(kernel, &ctas_per_sm));

@@ -29,13 +29,16 @@ cudaError_t dispatch_input_type(DType dtype, bool fp32_single_pass_tf32, Launch&
   return cudaErrorInvalidValue;
 }
 
+inline bool has_labels(const SimilarityProblem& problem) { return problem.row_labels != nullptr; }
+
 // With d = 0 the inputs hold no elements, and their pointers may be null.
 inline bool is_valid(const SimilarityProblem& problem) {
   const int64_t element = problem.dtype == DType::kFloat32 ? 4 : 2;
   const auto stride_ok = [&](int64_t stride) { return stride >= problem.d && stride * element <= kMaxRowStrideBytes; };
   return problem.n > 0 && problem.m > 0 && problem.d >= 0 && stride_ok(problem.q_row_stride) &&
          stride_ok(problem.k_row_stride) && (problem.d == 0 || (problem.q != nullptr && problem.k != nullptr)) &&
-         problem.inv_norm_q != nullptr && problem.inv_norm_k != nullptr && problem.scale != nullptr;
+         problem.inv_norm_q != nullptr && problem.inv_norm_k != nullptr && problem.scale != nullptr &&
+         (problem.row_labels == nullptr) == (problem.col_labels == nullptr);
 }
 
 // Opts a pipeline kernel in to its dynamic shared memory and returns, in *ctas_per_sm, how many of

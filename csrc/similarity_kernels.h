@@ -20,6 +20,10 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 // when has_mask. q is n x d and k is m x d, both with inner stride 1 and the given row strides
 // (in elements, >= d, at most kMaxRowStrideBytes of launch_plan.h); inv_norm_q, inv_norm_k and
 // scale are fp32.
+// Label mask (the log-sum-exp entry points only; both label pointers null: none): S_ij is also
+// masked where (row_labels[i] == col_labels[j]) == exclude_same_label; row_labels (n) and
+// col_labels (m) are int64 on the device. A row or column with every entry masked has lse -inf
+// and weights 0.
 struct SimilarityProblem {
   DType dtype;
   const void* q;
@@ -34,6 +38,9 @@ struct SimilarityProblem {
   const float* scale;  // 0-d
   bool has_mask;
   int64_t diag_offset;
+  const int64_t* row_labels;
+  const int64_t* col_labels;
+  bool exclude_same_label;
 };
 
 struct LaunchConfig {

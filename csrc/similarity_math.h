@@ -137,10 +137,11 @@ FL_HOST_DEVICE float sigmoid2(float x2) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Which entries of S drop out of every sum: those outside the n x m matrix and, with a diagonal
-// mask, S[i, i + offset]. The one place the kernels decide it. A thread sees the entries
-// (row_base + r, col_base + c) of a tile for small compile-time offsets r, c, so the mask is kept
-// relative to that corner: three integers per tile, one compare of constants per test.
+// Which entries of S drop out of every sum: those outside the n x m matrix, with a diagonal mask
+// S[i, i + offset], and with a label mask those labels_exclude() names (below; tile_mma.cuh's
+// LabelledEntryMask combines the two). The one place the kernels decide it. A thread sees the
+// entries (row_base + r, col_base + c) of a tile for small compile-time offsets r, c, so the mask
+// is kept relative to that corner: three integers per tile, one compare of constants per test.
 struct EntryMask {
   int rows_left;  // entries with r >= rows_left lie below the matrix
   int cols_left;  // c >= cols_left: right of the matrix
@@ -161,6 +162,12 @@ FL_HOST_DEVICE EntryMask entry_mask(int64_t row_base, int64_t col_base, int64_t 
   const bool crosses = has_diagonal && local > -kSpan && local < kSpan;
   return {static_cast<int>(rows < kSpan ? rows : kSpan), static_cast<int>(cols < kSpan ? cols : kSpan),
           crosses ? static_cast<int>(local) : EntryMask::kNoDiagonal};
+}
+
+// The label mask of fused_losses/backends/base.py (LABEL_MASK): an entry is also masked where its
+// row's and its column's labels are equal (exclude_same) or differ (!exclude_same).
+FL_HOST_DEVICE bool labels_exclude(int64_t row_label, int64_t col_label, bool exclude_same) {
+  return (row_label == col_label) == exclude_same;
 }
 
 }  // namespace fused_losses

@@ -51,6 +51,17 @@ constexpr int kFragmentsN = kWarpCols / 8;
 constexpr int kThreadRows = 2 * kFragmentsM;
 constexpr int kThreadCols = 2 * kFragmentsN;
 
+// EntryMask with the label mask: bit kThreadCols * i + j of `labelled` says whether the labels
+// exclude the thread's entry (i, j) of the tile (see ThreadTile). One word computed once per tile
+// from the staged labels, instead of sixteen labels held through the epilogue.
+struct LabelledEntryMask : EntryMask {
+  uint64_t labelled;
+};
+static_assert(kThreadRows * kThreadCols <= 64, "one bit per entry of a thread");
+
+template <bool kLabels>
+struct MaskLabels;
+
 struct ThreadTile {
   int row_base;  // warp row + g
   int col_base;  // warp column + 2 t
@@ -66,10 +77,73 @@ struct ThreadTile {
   __device__ static int lane() { return static_cast<int>(threadIdx.x) % 32; }
   __device__ static int warp_row() { return static_cast<int>(threadIdx.x) / 32 / kWarpsPerRow; }
   __device__ static int warp_col() { return static_cast<int>(threadIdx.x) / 32 % kWarpsPerRow; }
-  // The mask of this thread's entries of the tile at (row0, col0).
-  __device__ EntryMask mask(const SimilarityProblem& problem, int64_t row0, int64_t col0) const {
-    return entry_mask<kTileRows>(row0 + row_base, col0 + col_base, problem.n, problem.m, problem.has_mask,
-                                 problem.diag_offset);
+  // The mask of this thread's entries of the tile at (row0, col0): an EntryMask or, with kLabels,
+  // a LabelledEntryMask from the labels in MaskLabels' buffer `buffer`.
+  template <bool kLabels>
+  __device__ auto mask(const SimilarityProblem& problem, int64_t row0, int64_t col0, int buffer) const {
+    return MaskLabels<kLabels>::add(entry_mask<kTileRows>(row0 + row_base, col0 + col_base, problem.n, problem.m,
+                                                          problem.has_mask, problem.diag_offset),
+                                    problem, *this, buffer);
+  }
+  // Whether `mask` excludes the thread's entry (i, j).
+  __device__ static bool excludes(const EntryMask& mask, int i, int j) {
+    return mask.excludes(row_offset(i), col_offset(j));
+  }
+  __device__ static bool excludes(const LabelledEntryMask& mask, int i, int j) {
+    return excludes(static_cast<const EntryMask&>(mask), i, j) | ((mask.labelled >> (kThreadCols * i + j)) & 1);
+  }
+};
+
+// The labels of the label mask (SimilarityProblem::row_labels / col_labels) of a CTA's row block
+// (staged once per block) and of its column tiles (once per tile, double-buffered by tile parity),
+// in shared memory, staged next to StagedVectors and made visible by the same barriers. add()
+// turns a thread's EntryMask of a tile into its LabelledEntryMask. MaskLabels<false>, the kernels
+// without a label mask, stages nothing and keeps the plain EntryMask.
+template <bool kLabels>
+struct MaskLabels {
+  __device__ static void stage_rows(const SimilarityProblem& /*problem*/, int64_t /*row0*/) {}
+  __device__ static void stage_columns(const SimilarityProblem& /*problem*/, int /*buffer*/, int64_t /*col0*/) {}
+  __device__ static EntryMask add(EntryMask mask, const SimilarityProblem& /*problem*/, const ThreadTile& /*thread*/,
+                                  int /*buffer*/) {
+    return mask;
+  }
+};
+
+template <>
+struct MaskLabels<true> {
+  // Labels outside the matrix are never compared (the entries there are masked): they read as 0.
+  __device__ static void stage_rows(const SimilarityProblem& problem, int64_t row0) {
+    const int64_t row = row0 + threadIdx.x;
+    if (threadIdx.x < kTileRows) staged().rows[threadIdx.x] = row < problem.n ? problem.row_labels[row] : 0;
+  }
+  __device__ static void stage_columns(const SimilarityProblem& problem, int buffer, int64_t col0) {
+    const int64_t col = col0 + threadIdx.x;
+    if (threadIdx.x < kTileCols) staged().columns[buffer][threadIdx.x] = col < problem.m ? problem.col_labels[col] : 0;
+  }
+  __device__ static LabelledEntryMask add(EntryMask mask, const SimilarityProblem& problem, const ThreadTile& thread,
+                                          int buffer) {
+    uint64_t labelled = 0;
+#pragma unroll
+    for (int i = 0; i < kThreadRows; ++i) {
+      const int64_t row_label = staged().rows[thread.row(i)];
+#pragma unroll
+      for (int j = 0; j < kThreadCols; ++j) {
+        const bool excluded =
+            labels_exclude(row_label, staged().columns[buffer][thread.col(j)], problem.exclude_same_label);
+        labelled |= uint64_t{excluded} << (kThreadCols * i + j);
+      }
+    }
+    return {mask, labelled};
+  }
+
+ private:
+  struct Staged {
+    int64_t rows[kTileRows];
+    int64_t columns[2][kTileCols];
+  };
+  __device__ static Staged& staged() {
+    __shared__ Staged labels;
+    return labels;
   }
 };
 
@@ -108,16 +182,16 @@ struct StagedVectors {
 
 // The accumulators (raw dot products) become S2 = row factor * column factor * dot, or -inf where
 // the mask excludes the entry. The only place S is formed, in every kernel.
-template <class Row, class Column>
+template <class Row, class Column, class Mask>
 __device__ __forceinline__ void similarity_log2(TileAccumulator& acc, const ThreadTile& thread, const Row* rows,
-                                                const Column* columns, const EntryMask& mask, int64_t row0,
+                                                const Column* columns, const Mask& mask, int64_t row0,
                                                 int64_t col0) {
 #pragma unroll
   for (int i = 0; i < kThreadRows; ++i) {
     const float row_factor = rows[thread.row(i)].factor;
 #pragma unroll
     for (int j = 0; j < kThreadCols; ++j) {
-      const bool excluded = mask.excludes(ThreadTile::row_offset(i), ThreadTile::col_offset(j));
+      const bool excluded = ThreadTile::excludes(mask, i, j);
       const float s2 = excluded ? kNegInf : acc.at(i, j) * row_factor * columns[thread.col(j)].factor;
       acc.at(i, j) = s2;
       FL_OBSERVE_SIMILARITY(row0 + thread.row(i), col0 + thread.col(j), s2);

@@ -18,6 +18,7 @@ namespace {
 // grad pointer is null is absent.
 struct SoftmaxWeights {
   static constexpr bool kSumsWeights = false;
+  static constexpr bool kLabelMask = true;
   const float* lse_row;
   const float* lse_col;
   const float* grad_row;
@@ -58,6 +59,7 @@ struct SoftmaxWeights {
 // W_ij = grad_row_i sigmoid(S_ij + bias); the kernel also sums W (unscaled) for grad_bias.
 struct SigmoidWeights {
   static constexpr bool kSumsWeights = true;
+  static constexpr bool kLabelMask = false;
   const float* bias;
   const float* grad_row;
 
@@ -88,10 +90,10 @@ __device__ __forceinline__ void store_pair(Out* target, float lo, float hi) {
   }
 }
 
-// The weights kernel's work on each tile of one CTA's row block: S2 from the accumulators, then
-// W~ for the entries in rows [chunk.row_start, chunk.row_stop), stored in pairs of adjacent
-// columns; with Weights::kSumsWeights, a running sum of the unscaled W.
-template <class Input, class Weights>
+// The weights kernel's work on each tile of one CTA's row block: S2 from the accumulators (with
+// kLabels, label-masked), then W~ for the entries in rows [chunk.row_start, chunk.row_stop),
+// stored in pairs of adjacent columns; with Weights::kSumsWeights, a running sum of the unscaled W.
+template <class Input, class Weights, bool kLabels>
 class WeightsEpilogue {
  public:
   using Row = typename Weights::Row;
@@ -106,6 +108,7 @@ class WeightsEpilogue {
       return weights_.row(row, row_similarity_factor(scale_log2, problem.inv_norm_q, row, problem.n),
                           chunk.row_scale[row - chunk.row_start]);
     });
+    MaskLabels<kLabels>::stage_rows(problem, row0);
     if (threadIdx.x < kTileRows) {
       const int64_t row = row0 + threadIdx.x;
       const bool in_chunk = row >= chunk.row_start && row < chunk.row_stop;
@@ -118,11 +121,12 @@ class WeightsEpilogue {
     vectors().stage_columns(buffer, col0, [&](int64_t col) {
       return col < problem_.m ? weights_.column(col, problem_.inv_norm_k[col], chunk_.col_scale[col]) : Column{};
     });
+    MaskLabels<kLabels>::stage_columns(problem_, buffer, col0);
   }
 
   __device__ void tile(TileAccumulator& acc, int64_t col0, int buffer) {
     const ThreadTile thread = ThreadTile::current();
-    const EntryMask mask = thread.mask(problem_, row0_, col0);
+    const auto mask = thread.mask<kLabels>(problem_, row0_, col0, buffer);
     const Row* rows = vectors().rows;
     const Column* columns = vectors().columns[buffer];
     similarity_log2(acc, thread, rows, columns, mask, row0_, col0);
@@ -192,14 +196,14 @@ class WeightsEpilogue {
 
 // One CTA: row block first_row_block + blockIdx.y (of the whole matrix, so that every tile of S
 // is the forward's) against the column tiles of split blockIdx.x. With Weights::kSumsWeights, leaves the CTA's
-// sum of W in weight_sums[blockIdx.y * gridDim.x + blockIdx.x].
-template <class Config, class Weights>
+// sum of W in weight_sums[blockIdx.y * gridDim.x + blockIdx.x]. kLabels: the problem has a label mask.
+template <class Config, class Weights, bool kLabels>
 __global__ void __launch_bounds__(kThreads, Config::kMinCtasPerSm)
     weights_kernel(SimilarityProblem problem, Weights weights, WeightsChunk chunk, ColumnSplit split,
                    int64_t first_row_block, float* weight_sums) {
   using Input = typename Config::InputType;
   const int64_t row0 = (first_row_block + blockIdx.y) * kTileRows;
-  WeightsEpilogue<Input, Weights> epilogue(problem, weights, chunk, row0);
+  WeightsEpilogue<Input, Weights, kLabels> epilogue(problem, weights, chunk, row0);
   sweep_column_tiles<Config>(problem, row0, split_tiles(split, static_cast<int>(blockIdx.x)), epilogue);
   if constexpr (Weights::kSumsWeights) {
     const float sum = block_sum(epilogue.weight_sum());
@@ -218,9 +222,10 @@ inline WeightsPlan weights_plan(const SimilarityProblem& problem, const WeightsC
   return plan_weights(problem.m, chunk.row_start, chunk.row_stop, resident_ctas);
 }
 
-inline bool is_valid(const SimilarityProblem& problem, const WeightsChunk& chunk) {
-  return is_valid(problem) && chunk.out != nullptr && chunk.row_scale != nullptr && chunk.col_scale != nullptr &&
-         0 <= chunk.row_start &&
+template <class Weights>
+bool is_valid(const SimilarityProblem& problem, const WeightsChunk& chunk) {
+  return is_valid(problem) && (Weights::kLabelMask || !has_labels(problem)) && chunk.out != nullptr &&
+         chunk.row_scale != nullptr && chunk.col_scale != nullptr && 0 <= chunk.row_start &&
          chunk.row_start < chunk.row_stop && chunk.row_stop <= problem.n && chunk.out_row_stride >= problem.m &&
          ceil_div(chunk.row_stop, kTileRows) - chunk.row_start / kTileRows <= kMaxGridY;
 }
@@ -230,7 +235,10 @@ cudaError_t launch_weights(const SimilarityProblem& problem, const Weights& weig
                            float* weight_sum, void* workspace, const LaunchConfig& config) {
   return dispatch_input_type(problem.dtype, config.fp32_single_pass_tf32, [&](auto tag) {
     using Config = decltype(tag);
-    auto* kernel = weights_kernel<Config, Weights>;
+    auto* kernel = weights_kernel<Config, Weights, false>;
+    if constexpr (Weights::kLabelMask) {
+      if (has_labels(problem)) kernel = weights_kernel<Config, Weights, true>;
+    }
     int ctas_per_sm = 0;
     FL_RETURN_IF_ERROR(prepare_pipeline_kernel(kernel, &ctas_per_sm));
     const WeightsPlan grid =
@@ -253,7 +261,7 @@ cudaError_t launch_weights(const SimilarityProblem& problem, const Weights& weig
 cudaError_t lse_weights(const SimilarityProblem& problem, const float* lse_row, const float* lse_col,
                         const float* grad_row, const float* grad_col, const WeightsChunk& chunk,
                         const LaunchConfig& config) {
-  if (!is_valid(problem, chunk) || (grad_row == nullptr && grad_col == nullptr) ||
+  if (!is_valid<SoftmaxWeights>(problem, chunk) || (grad_row == nullptr && grad_col == nullptr) ||
       (grad_row != nullptr && lse_row == nullptr) || (grad_col != nullptr && lse_col == nullptr)) {
     return cudaErrorInvalidValue;
   }
@@ -270,7 +278,7 @@ size_t softplus_weights_workspace_bytes(const SimilarityProblem& problem, const 
 cudaError_t softplus_weights(const SimilarityProblem& problem, const float* bias, const float* grad_row,
                              const WeightsChunk& chunk, float* weight_sum, void* workspace,
                              const LaunchConfig& config) {
-  if (!is_valid(problem, chunk) || bias == nullptr || grad_row == nullptr || weight_sum == nullptr ||
+  if (!is_valid<SigmoidWeights>(problem, chunk) || bias == nullptr || grad_row == nullptr || weight_sum == nullptr ||
       workspace == nullptr) {
     return cudaErrorInvalidValue;
   }

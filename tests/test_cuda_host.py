@@ -18,8 +18,10 @@ import torch
 
 import fused_losses
 import fused_losses.backends as backends
-from fused_losses.backends.base import BackendUnavailable
-from fused_losses.backends.cuda import _extension, build, compile_check, make_kernels, unavailable_reason
+from fused_losses.backends.base import LABEL_MASK, BackendUnavailable, LabelMask
+from fused_losses.backends.cuda import (MIN_SHARED_MEMORY_PER_BLOCK, _extension, build, compile_check, make_kernels,
+                                        unavailable_reason)
+from fused_losses.backends.cuda import kernels as cuda_kernels
 
 HOST_TEST = build.CSRC / "host_tests" / "similarity_math_test.cpp"
 REQUIRE_EXTENSION = os.environ.get("FUSED_LOSSES_BUILD_CUDA") == "1"
@@ -239,6 +241,23 @@ def test_launch_checks_workspace_size(ext):
         ext.softplus_forward(problem=problem, bias=256, sp_row=256, workspace=512, workspace_bytes=16, launch=launch)
 
 
+def test_problem_needs_both_label_vectors(ext):
+    with pytest.raises(ValueError, match=r"a label mask needs row_labels and col_labels \(got col_labels only\)"):
+        _problem(ext, col_labels=256)
+
+
+def test_softplus_refuses_a_label_mask(ext):
+    """The label mask is the log-sum-exp's: the softplus entry points refuse it before any launch."""
+    problem, launch = _problem(ext, row_labels=256, col_labels=512, exclude_same_label=True), _launch(ext)
+    with pytest.raises(ValueError, match="softplus_forward: the label mask applies to the log-sum-exp only"):
+        ext.softplus_forward(problem=problem, bias=256, sp_row=256, workspace=512, workspace_bytes=1 << 30,
+                             launch=launch)
+    with pytest.raises(ValueError, match="softplus_weights: the label mask applies to the log-sum-exp only"):
+        ext.softplus_weights(problem=problem, bias=256, grad_row=256, row_start=0, row_stop=10, out=512,
+                             out_row_stride=70000, row_scale=256, col_scale=256, weight_sum=256, workspace=512,
+                             workspace_bytes=1 << 30, launch=launch)
+
+
 def test_compile_check_sm90(ext):
     """What ptxas made of every kernel for sm_90, read from the build's objects (about 3 s): no
     spills, the tile kernels at their designed occupancy and stage shape (4 steps of 32 bytes of
@@ -257,10 +276,14 @@ def test_compile_check_sm90(ext):
         print(compile_check.format_report(report, 90, tile["threads"], tile["dynamic_shared_bytes"]))
     assert not [r.label for r in reports if r.spills]
     tile_kernels = [r for r in reports if r.stage is not None]
-    assert len(tile_kernels) == 20  # forward: 4 configs x (lse, lse + columns, softplus); weights: 4 x 2
+    # forward: 4 configs x (lse, lse + columns, both with and without labels; softplus); weights: 4 x
+    # (softmax with and without labels, sigmoid)
+    assert len(tile_kernels) == 32
+    assert sum("+labels" in r.label for r in tile_kernels) == 12
     for report in tile_kernels:
-        ctas = compile_check.ctas_per_sm(90, report.registers, tile["threads"],
-                                         report.shared_bytes + tile["dynamic_shared_bytes"])
+        shared = report.shared_bytes + tile["dynamic_shared_bytes"]
+        assert shared <= MIN_SHARED_MEMORY_PER_BLOCK, report.label  # what unavailable_reason asks of a GPU
+        ctas = compile_check.ctas_per_sm(90, report.registers, tile["threads"], shared)
         assert ctas >= 1 if "fp32" in report.label else ctas == 2, report.label
         split = "split-tf32" in report.label
         assert (report.stage.hmma, report.stage.ldsm) == (192 if split else 64, 24), report.label
@@ -295,6 +318,14 @@ def test_unavailable_with_too_little_shared_memory(monkeypatch):
     assert "shared memory" not in (unavailable_reason(torch.device("cuda")) or "")
 
 
+def test_label_mask_selects_the_cuda_backend(monkeypatch):
+    """The backend declares the label mask: asked for by name, and by auto once triton lacks it."""
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None, dtype=None: None)
+    monkeypatch.setattr(backends._module("triton"), "FEATURES", frozenset())
+    assert backends.select_backend("cuda", torch.device("cuda"), {LABEL_MASK}) == "cuda"
+    assert backends.select_backend("auto", torch.device("cuda"), {LABEL_MASK}) == "cuda"
+
+
 def test_make_kernels_options():
     kernels = make_kernels()
     assert kernels.name == "cuda"
@@ -319,6 +350,28 @@ def test_float64_points_to_torch_backend():
 def test_cpu_tensors_rejected():
     with pytest.raises(ValueError, match="CUDA device"):
         make_kernels().softplus_forward(*_args(torch.float32), torch.tensor(-10.0), None)
+
+
+@pytest.mark.parametrize("labels, error, match", [
+    ((torch.zeros(5), torch.zeros(4, dtype=torch.long)), TypeError,
+     r"label_mask.row_labels must be an int32 or int64 tensor, got a torch.float32 tensor"),
+    ((torch.zeros(5, dtype=torch.long), [0, 1, 2, 3]), TypeError, "label_mask.col_labels .* got list"),
+    ((torch.zeros(5, dtype=torch.long), torch.zeros(3, dtype=torch.long)), ValueError,
+     r"label_mask.col_labels must have shape \(4,\) on cpu, got shape \(3,\)"),
+    ((torch.zeros(5, 1, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)), ValueError,
+     r"label_mask.row_labels must have shape \(5,\)"),
+])
+def test_bad_label_masks_are_rejected(labels, error, match):
+    with pytest.raises(error, match=match):
+        cuda_kernels._kernel_labels(LabelMask(*labels, True), 5, 4, torch.device("cpu"))
+
+
+def test_labels_reach_the_kernels_as_contiguous_int64():
+    row_labels = torch.tensor([3, -1, 2**31 - 1], dtype=torch.int32)
+    col_labels = torch.arange(8, dtype=torch.int64)[::2]
+    rows, cols = cuda_kernels._kernel_labels(LabelMask(row_labels, col_labels, False), 3, 4, torch.device("cpu"))
+    assert rows.dtype == cols.dtype == torch.int64 and rows.is_contiguous() and cols.is_contiguous()
+    assert rows.tolist() == [3, -1, 2**31 - 1] and cols.tolist() == [0, 2, 4, 6]
 
 
 @pytest.fixture

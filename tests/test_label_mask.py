@@ -1,7 +1,8 @@
 """The label mask of the log-sum-exp primitive (backends/base.py, LABEL_MASK): values and
 gradients against dense float64 on the torch backend, masked rows and columns, label dtypes, and
 the backend selection for calls that need it. The triton backend's label mask is tested in
-tests/test_triton_backend.py."""
+tests/test_triton_backend.py, the cuda backend's in tests/test_cuda_host.py (its kernels on the
+CPU emulation) and tests/gpu/test_cuda_gpu.py."""
 
 import pytest
 import torch

@@ -1,9 +1,9 @@
 // The kernels of csrc/forward.cu and csrc/weights.cu, run through the public entry points of
 // similarity_kernels.h on the CPU CUDA emulation (emulation/), against a direct double
 // computation of the contract; and the S behind the weights compared bit for bit with the S
-// behind the forward statistics. Checks indexing, fragment layouts, swizzles, tile edges, masks,
-// strides, column splits, chunks and the launch sequences; not the hardware (timing, memory
-// model, speed). Built and run by tests/test_cuda_host.py; prints one line per failure and exits
+// behind the forward statistics. Checks indexing, fragment layouts, swizzles, tile edges, masks
+// (diagonal and labels), strides, column splits, chunks and the launch sequences; not the
+// hardware (timing, memory model, speed). Built and run by tests/test_cuda_host.py; prints one line per failure and exits
 // non-zero if there was any.
 #include <cmath>
 #include <cstdio>
@@ -25,6 +25,21 @@ namespace {
 int failures = 0;
 constexpr double kInf = INFINITY;
 
+// The label mask of a case (the log-sum-exp's): none, or labels of `classes` classes drawn at
+// random (classes = 0: row i and column i get label i), masking equal labels (kExclude) or
+// different ones (kOnly). Every stray_rows-th row gets a label no column has, and every
+// stray_cols-th column a class's label plus 2^32, which no row has (only a 32-bit compare would
+// match it): with kOnly those rows and columns are entirely masked.
+enum class LabelMode { kNone, kExclude, kOnly };
+
+struct LabelCase {
+  LabelMode mode;
+  int classes;
+  int stray_rows, stray_cols;  // 0: none
+};
+
+constexpr LabelCase kNoLabels{LabelMode::kNone, 0, 0, 0};
+
 struct Case {
   DType dtype;
   bool single_pass_tf32;
@@ -34,6 +49,7 @@ struct Case {
   int num_sms, ctas_per_sm;
   size_t workspace_limit;
   int64_t row_start, row_stop, out_padding;  // the weights chunk; out rows are m + out_padding apart
+  LabelCase labels;
 };
 
 std::string describe(const Case& c) {
@@ -42,7 +58,11 @@ std::string describe(const Case& c) {
          std::to_string(c.row_padding) + " mask " + (c.has_mask ? std::to_string(c.offset) : "none") + " sms " +
          std::to_string(c.num_sms) + "x" + std::to_string(c.ctas_per_sm) + " limit " +
          std::to_string(c.workspace_limit) + " rows " + std::to_string(c.row_start) + ".." +
-         std::to_string(c.row_stop);
+         std::to_string(c.row_stop) +
+         (c.labels.mode == LabelMode::kNone
+              ? ""
+              : std::string(" labels ") + (c.labels.mode == LabelMode::kExclude ? "exclude" : "only") + " of " +
+                    std::to_string(c.labels.classes));
 }
 
 void fail(const std::string& message) {
@@ -139,6 +159,21 @@ std::vector<float> inverse_norms(const Operand& op, int64_t rows, int64_t d) {
   return inv;
 }
 
+// (row labels (n), column labels (m)) of the case; empty without a label mask.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> make_labels(const Case& c, std::mt19937& rng) {
+  const LabelCase& l = c.labels;
+  if (l.mode == LabelMode::kNone) return {};
+  std::vector<int64_t> rows(c.n), cols(c.m);
+  auto label = [&](int64_t index) { return l.classes == 0 ? index : static_cast<int64_t>(rng() % l.classes); };
+  for (int64_t i = 0; i < c.n; ++i) {
+    rows[i] = l.stray_rows != 0 && i % l.stray_rows == l.stray_rows - 1 ? c.n + c.m + i : label(i);
+  }
+  for (int64_t j = 0; j < c.m; ++j) {
+    cols[j] = label(j) + (l.stray_cols != 0 && j % l.stray_cols == l.stray_cols - 1 ? int64_t{1} << 32 : 0);
+  }
+  return {rows, cols};
+}
+
 std::vector<unsigned char> poisoned_workspace(size_t bytes) {
   return std::vector<unsigned char>(std::max<size_t>(bytes, 1), 0xff);
 }
@@ -160,9 +195,24 @@ void run_case(const Case& c, std::mt19937& rng) {
   const Operand k = make_operand(c, c.m, rng, &q);
   const std::vector<float> inv_q = inverse_norms(q, c.n, c.d), inv_k = inverse_norms(k, c.m, c.d);
   const float scale = 20.f, bias = -3.f;
-  const SimilarityProblem problem{c.dtype, c.d == 0 ? nullptr : q.data(c.dtype), c.d + c.row_padding,
-                                  c.d == 0 ? nullptr : k.data(c.dtype), c.d + c.row_padding, c.n, c.m, c.d,
-                                  inv_q.data(), inv_k.data(), &scale, c.has_mask, c.offset};
+  const auto [row_labels, col_labels] = make_labels(c, rng);
+  const bool labelled = c.labels.mode != LabelMode::kNone, exclude_same = c.labels.mode == LabelMode::kExclude;
+  const SimilarityProblem problem{c.dtype,
+                                  c.d == 0 ? nullptr : q.data(c.dtype),
+                                  c.d + c.row_padding,
+                                  c.d == 0 ? nullptr : k.data(c.dtype),
+                                  c.d + c.row_padding,
+                                  c.n,
+                                  c.m,
+                                  c.d,
+                                  inv_q.data(),
+                                  inv_k.data(),
+                                  &scale,
+                                  c.has_mask,
+                                  c.offset,
+                                  labelled ? row_labels.data() : nullptr,
+                                  labelled ? col_labels.data() : nullptr,
+                                  exclude_same};
   const LaunchConfig config{nullptr, c.num_sms, c.single_pass_tf32, c.workspace_limit};
   // Single-pass TF32 errs by ~1e-3 relative in S, hence by ~scale * 1e-3 in exp(S) and what follows.
   const bool tf32 = c.dtype == DType::kFloat32 && c.single_pass_tf32;
@@ -177,7 +227,9 @@ void run_case(const Case& c, std::mt19937& rng) {
     for (int64_t j = 0; j < c.m; ++j) {
       double dot = 0;
       for (int64_t t = 0; t < c.d; ++t) dot += q.values[i * c.d + t] * k.values[j * c.d + t];
-      s[i * c.m + j] = c.has_mask && j - i == c.offset ? -kInf : scale * dot * inv_q[i] * inv_k[j];
+      const bool masked = (c.has_mask && j - i == c.offset) ||
+                          (labelled && (row_labels[i] == col_labels[j]) == exclude_same);
+      s[i * c.m + j] = masked ? -kInf : scale * dot * inv_q[i] * inv_k[j];
     }
   }
   auto lse_of = [&](bool rows, int64_t index) {
@@ -226,8 +278,12 @@ void run_case(const Case& c, std::mt19937& rng) {
   expect_close(name + " lse_col alone", cols_only, lse_col, lse_tol, false);
   std::vector<float> got_sp(c.n, NAN);
   ws = poisoned_workspace(softplus_forward_workspace_bytes(problem, config));
-  softplus_forward(problem, &bias, got_sp.data(), ws.data(), config);
-  expect_close(name + " softplus", got_sp, sp_row, softplus_tol, true);
+  const cudaError_t softplus_status = softplus_forward(problem, &bias, got_sp.data(), ws.data(), config);
+  if (labelled) {  // the label mask is the log-sum-exp's: the softplus entry points refuse it
+    if (softplus_status != cudaErrorInvalidValue) fail(name + " softplus_forward took a label mask");
+  } else {
+    expect_close(name + " softplus", got_sp, sp_row, softplus_tol, true);
+  }
 
   // Weights of the chunk: W~ = row_scale_i col_scale_j W_ij, every out entry of the chunk
   // written, the padding of out left alone.
@@ -315,6 +371,16 @@ void run_case(const Case& c, std::mt19937& rng) {
 
   auto sigmoid = [&](int64_t i, int64_t j) { return 1.0 / (1.0 + std::exp(-(s[i * c.m + j] + bias))); };
   float weight_sum = NAN;
+  if (labelled) {
+    std::vector<float> out(c.m);
+    const WeightsChunk chunk{c.row_start, c.row_start + 1, out.data(), c.m, row_scale.data(), col_scale.data()};
+    std::vector<unsigned char> sums = poisoned_workspace(softplus_weights_workspace_bytes(problem, chunk, config));
+    if (softplus_weights(problem, &bias, grad_row.data(), chunk, &weight_sum, sums.data(), config) !=
+        cudaErrorInvalidValue) {
+      fail(name + " softplus_weights took a label mask");
+    }
+    return;
+  }
   run_weights(
       "sigmoid weights",
       [&](const WeightsChunk& chunk) {
@@ -333,16 +399,28 @@ void run_case(const Case& c, std::mt19937& rng) {
 int main() {
   std::mt19937 rng(7);
   const size_t kDefault = size_t{256} << 20;
+  const LabelMode kExclude = LabelMode::kExclude, kOnly = LabelMode::kOnly;
   const Case cases[] = {
-      // dtype, tf32, n, m, d, pad, mask, offset, sms, ctas/SM, limit, row_start, row_stop, out padding
-      {DType::kFloat16, false, 131, 70, 37, 0, true, 0, 132, 2, kDefault, 0, 131, 0},     // ragged tiles, odd D
-      {DType::kBFloat16, false, 67, 389, 72, 0, true, -3, 3, 1, kDefault, 5, 61, 3},      // 4 column tiles over 3 CTAs
-      {DType::kBFloat16, false, 263, 131, 200, 8, true, 1, 1, 1, 1, 130, 263, 1},        // a launch per row block
-      {DType::kFloat32, false, 150, 97, 40, 0, true, 2, 3, 1, kDefault, 17, 150, 2},     // split TF32
-      {DType::kFloat32, true, 70, 131, 33, 0, false, 0, 4, 2, kDefault, 0, 70, 0},       // single-pass TF32
-      {DType::kFloat16, false, 129, 65, 72, 5, true, 70, 3, 2, kDefault, 1, 128, 0},     // unaligned rows, mask outside
-      {DType::kBFloat16, false, 3, 1, 16, 0, true, 0, 132, 2, kDefault, 0, 3, 1},        // row 0 entirely masked
-      {DType::kBFloat16, false, 40, 30, 0, 0, true, 0, 132, 2, kDefault, 11, 29, 0},     // D = 0
+      // dtype, tf32, n, m, d, pad, mask, offset, sms, ctas/SM, limit, row_start, row_stop, out padding, labels
+      {DType::kFloat16, false, 131, 70, 37, 0, true, 0, 132, 2, kDefault, 0, 131, 0, kNoLabels},  // ragged, odd D
+      {DType::kBFloat16, false, 67, 389, 72, 0, true, -3, 3, 1, kDefault, 5, 61, 3, kNoLabels},  // 4 tiles, 3 CTAs
+      {DType::kBFloat16, false, 263, 131, 200, 8, true, 1, 1, 1, 1, 130, 263, 1, kNoLabels},  // a launch per block
+      {DType::kFloat32, false, 150, 97, 40, 0, true, 2, 3, 1, kDefault, 17, 150, 2, kNoLabels},  // split TF32
+      {DType::kFloat32, true, 70, 131, 33, 0, false, 0, 4, 2, kDefault, 0, 70, 0, kNoLabels},  // single-pass TF32
+      {DType::kFloat16, false, 129, 65, 72, 5, true, 70, 3, 2, kDefault, 1, 128, 0, kNoLabels},  // unaligned rows
+      {DType::kBFloat16, false, 3, 1, 16, 0, true, 0, 132, 2, kDefault, 0, 3, 1, kNoLabels},  // row 0 all masked
+      {DType::kBFloat16, false, 40, 30, 0, 0, true, 0, 132, 2, kDefault, 11, 29, 0, kNoLabels},  // D = 0
+      // Label masks: equal labels masked, with the diagonal, over 2 row blocks x 4 column tiles split
+      // across CTAs; only equal labels kept, stray rows and columns entirely masked, a few rows
+      // against 5 column tiles of one CTA each, odd D (element loads); the one class of almost every
+      // row and column excluded: those rows entirely masked; single-pass TF32, a launch per row
+      // block, both kinds of strays; distinct labels and "only": the diagonal alone is kept, and the
+      // diagonal mask takes it, so every row and column is entirely masked.
+      {DType::kBFloat16, false, 131, 389, 72, 0, true, 0, 3, 1, kDefault, 7, 131, 1, {kExclude, 5, 11, 13}},
+      {DType::kFloat16, false, 37, 521, 37, 0, true, -3, 132, 2, kDefault, 0, 37, 0, {kOnly, 3, 7, 5}},
+      {DType::kFloat32, false, 97, 150, 40, 0, true, 2, 3, 1, kDefault, 3, 97, 2, {kExclude, 1, 4, 0}},
+      {DType::kFloat32, true, 263, 131, 33, 0, false, 0, 4, 2, 1, 120, 263, 0, {kOnly, 4, 9, 6}},
+      {DType::kBFloat16, false, 70, 70, 24, 0, true, 0, 132, 2, kDefault, 0, 70, 0, {kOnly, 0, 0, 0}},
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("%zu cases, %d failures\n", sizeof(cases) / sizeof(cases[0]), failures);

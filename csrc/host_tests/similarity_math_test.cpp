@@ -121,6 +121,18 @@ void test_entry_mask() {
   CHECK(entry_mask<128>(0, int64_t{3} << 40, 5, (int64_t{3} << 40) + 1, true, int64_t{3} << 40).diagonal == 0);
 }
 
+void test_labels_exclude() {
+  // Labels that differ only above bit 31 are different labels.
+  const int64_t high = int64_t{1} << 32;
+  const int64_t labels[] = {7, 7 + high, -1, 0, -high};
+  for (const int64_t row : labels) {
+    for (const int64_t col : labels) {
+      CHECK(labels_exclude(row, col, true) == (row == col));
+      CHECK(labels_exclude(row, col, false) == (row != col));
+    }
+  }
+}
+
 void test_index_math() {
   CHECK(ceil_div(0, 64) == 0 && ceil_div(1, 64) == 1 && ceil_div(64, 64) == 1 && ceil_div(65, 64) == 2);
   for (int64_t count = 1; count < 60; ++count) {
@@ -197,6 +209,7 @@ int main() {
   test_nan_max();
   test_elementwise();
   test_entry_mask();
+  test_labels_exclude();
   test_index_math();
   test_forward_plan();
   test_weights_plan();

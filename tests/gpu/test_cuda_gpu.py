@@ -7,6 +7,7 @@ The extension is built just in time on first use when it is not built already (a
 The dense truth is computed from the same (already rounded) inputs, so the remaining error is the
 kernels' own: fp32 accumulation everywhere, plus the rounding of the backward's weights to the
 input dtype for 16-bit inputs (chunked_backward), and TF32 in everything for fp32_precision="tf32".
+Inputs with a ``label_mask`` (the log-sum-exp's LABEL_MASK feature) check the log-sum-exp alone.
 """
 
 import math
@@ -17,6 +18,7 @@ import torch
 from fused_losses.backends import chunked_backward
 from fused_losses.backends import cuda as cuda_backend
 from fused_losses.backends import select_backend
+from fused_losses.backends.base import LABEL_MASK, LabelMask
 from fused_losses.backends.cuda import kernels as cuda_kernels
 from tests.gpu.kernel_inputs import make_inputs
 
@@ -55,7 +57,7 @@ def case_id(case):
 def ready():
     reason = cuda_backend.unavailable_reason(torch.device("cuda"))
     assert reason is None, reason
-    assert select_backend("cuda", torch.device("cuda")) == "cuda"
+    assert select_backend("cuda", torch.device("cuda"), {LABEL_MASK}) == "cuda"
 
 
 def make_kernels(limit=None, precision="split_tf32"):
@@ -88,6 +90,9 @@ def dense_similarity(args):
         cols = rows + offset
         inside = (cols >= 0) & (cols < s.shape[1])
         s[rows[inside], cols[inside]] = -math.inf
+    if args.get("label_mask") is not None:
+        row_labels, col_labels, exclude_same = args["label_mask"]
+        s.masked_fill_((row_labels[:, None] == col_labels[None, :]) == exclude_same, -math.inf)
     return s
 
 
@@ -120,9 +125,16 @@ def assert_close(got, want, tolerance, relative, what):
 
 
 def check_case(kernels, args, tolerances, bias=-10.0):
+    """Every primitive (the log-sum-exp alone with a label mask) against the dense truth."""
     lse_tol, softplus_tol, backward_tol = tolerances
     backward_tol = max(backward_tol, BACKWARD_TOLERANCE[args["q"].dtype])
     s = dense_similarity(args)
+    check_lse(kernels, args, s, lse_tol, backward_tol)
+    if args.get("label_mask") is None:
+        check_softplus(kernels, args, s, softplus_tol, backward_tol, bias)
+
+
+def check_lse(kernels, args, s, lse_tol, backward_tol):
     lse_row, lse_col = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
     n, m = s.shape
 
@@ -145,8 +157,10 @@ def check_case(kernels, args, tolerances, bias=-10.0):
         want_u, want_v = dense_products(args, w)
         assert_close(u, want_u, backward_tol, True, f"lse U ({name})")
         assert_close(v, want_v, backward_tol, True, f"lse V ({name})")
-    del shares_row, shares_col, w
 
+
+def check_softplus(kernels, args, s, softplus_tol, backward_tol, bias):
+    grad_row = random_vector(s.shape[0], 11)
     bias_t = torch.tensor(bias, device="cuda")
     logits = s + bias
     sp_row = kernels.softplus_forward(**args, bias=bias_t)
@@ -200,6 +214,51 @@ def test_empty_and_zero_dim(ready):
     assert lse_row.shape == (0,) and torch.isneginf(lse_col).all()
     args = make_inputs(FP16, 70, 50, 0, 0)  # D = 0: S = 0 off the mask
     check_case(kernels, args, TOLERANCES["split_tf32"])
+
+
+# -- the label mask -----------------------------------------------------------------------------
+
+
+def with_labels(args, classes, exclude_same, label_dtype=torch.int64, seed=2):
+    """``args`` with a label mask of random labels in [0, classes)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    labels = [torch.randint(0, classes, (x.shape[0],), device="cuda", generator=gen).to(label_dtype)
+              for x in (args["q"], args["k"])]
+    return dict(args, label_mask=LabelMask(*labels, exclude_same))
+
+
+@pytest.mark.parametrize("exclude_same", [True, False], ids=["exclude-same", "only-same"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[6]], ids=case_id)
+def test_label_mask_matches_dense(ready, case, exclude_same):
+    dtype, n, m, d, offset, limit = case
+    args = with_labels(make_inputs(dtype, n, m, d, offset), 10, exclude_same)
+    check_case(make_kernels(limit), args, TOLERANCES["split_tf32"])
+
+
+@pytest.mark.parametrize("exclude_same", [True, False], ids=["exclude-same", "only-same"])
+def test_label_mask_int32_and_single_pass_tf32(ready, exclude_same):
+    args = with_labels(make_inputs(FP32, 1500, 2600, 256, None, scale=20.0), 7, exclude_same, torch.int32)
+    check_case(make_kernels(precision="tf32"), args, TOLERANCES["tf32"])
+
+
+@pytest.mark.parametrize("exclude_same", [True, False], ids=["exclude-same", "only-same"])
+def test_lines_the_labels_mask_entirely(ready, exclude_same):
+    """Rows and columns with no entry left are -inf and pass no gradient: "exclude" against column
+    labels all 1 empties the rows of label 1; "only" empties the rows of label 0 (no column has it)
+    and the columns whose label lies 2^32 above a row label (equal in the low 32 bits only)."""
+    n, m = 333, 517
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    row_labels = torch.randint(0, 3, (n,), device="cuda", generator=gen)
+    if exclude_same:
+        col_labels = torch.ones(m, dtype=torch.long, device="cuda")
+    else:
+        col_labels = torch.randint(1, 3, (m,), device="cuda", generator=gen)
+        col_labels[::7] += 1 << 32
+    args = dict(make_inputs(BF16, n, m, 72, 0), label_mask=LabelMask(row_labels, col_labels, exclude_same))
+    check_case(make_kernels(), args, TOLERANCES["split_tf32"])
+    lse_row, lse_col = make_kernels().lse_forward(**args, want_rows=True, want_cols=True)
+    assert torch.equal(torch.isneginf(lse_row), row_labels == (1 if exclude_same else 0))
+    assert torch.isneginf(lse_col).any() != exclude_same
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
@@ -295,4 +354,5 @@ def test_memcheck_small(ready, dtype, small_chunks):
     for offset, limit in [(None, None), (3, 1)]:
         args = make_inputs(dtype, 70, 45, 37, offset)
         check_case(make_kernels(limit), args, TOLERANCES["split_tf32"])
+        check_case(make_kernels(limit), with_labels(args, 4, offset is None), TOLERANCES["split_tf32"])
     torch.cuda.synchronize()

@@ -5,7 +5,7 @@ Registry interface (see ``fused_losses.backends``):
     unavailable_reason(device, dtype=None) -> None, or why the backend cannot run on ``device``
         (with ``dtype`` inputs) and how to fix it
     make_kernels(fp32_precision="split_tf32", workspace_limit_bytes=256 MiB) -> CudaKernels
-    FEATURES: the optional features implemented (none yet)
+    FEATURES: the optional features implemented (the label mask)
 
 The extension is compiled ahead of time by setup.py (``FUSED_LOSSES_BUILD_CUDA=1``) or
 ``python -m fused_losses.backends.cuda.build``, or else just in time on first use from a source
@@ -18,15 +18,18 @@ from typing import Optional
 
 import torch
 
+from fused_losses.backends.base import LABEL_MASK
+
 MIN_CAPABILITY = (8, 0)
 # Shared memory one CTA of the tile kernels takes (csrc/launch_plan.h: 3 stages of 32 KiB, plus the
-# epilogues' buffers, at most ~9 KiB): A100 / H100 / B200-class GPUs have it, sm_86 / sm_89 /
-# sm_120 (99 KiB a block) do not.
-MIN_SHARED_MEMORY_PER_BLOCK = 106 * 1024
+# epilogues' buffers and a label mask's labels, at most ~12 KiB; compile_check prints it per kernel,
+# tests/test_cuda_host.py checks it against this): A100 / H100 / B200-class GPUs have it, sm_86 /
+# sm_89 / sm_120 (99 KiB a block) do not.
+MIN_SHARED_MEMORY_PER_BLOCK = 108 * 1024
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Optional features of the contract (fused_losses.backends.base) implemented here: none yet.
-FEATURES: frozenset[str] = frozenset()
+# Optional features of the contract (fused_losses.backends.base) implemented here.
+FEATURES: frozenset[str] = frozenset({LABEL_MASK})
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:

@@ -84,13 +84,16 @@ class KernelReport:
 
 
 def kernel_label(mangled: str) -> str:
-    """A short name: kernel, input type / precision and reduction or weights."""
+    """A short name: kernel, input type / precision, reduction or weights, and its options (the
+    forward's column statistics, the label mask)."""
     kernel = re.search(r"\d([a-z_]+_kernel)", mangled)
     parts = [kernel.group(1) if kernel else mangled[:40]]
     parts += [label for key, label in _CONFIG_LABELS if key in mangled]
     parts += re.findall(r"(LseRows|SoftplusRows|SoftmaxWeights|SigmoidWeights)", mangled)
     if "LseRowsELb1E" in mangled:
         parts.append("+columns")
+    if re.search(r"(LseRowsELb[01]E|SoftmaxWeightsE)Lb1E", mangled):
+        parts.append("+labels")
     return " ".join(parts)
 
 

@@ -10,6 +10,10 @@ one first. Outputs and workspaces come from torch's caching allocator on the cur
 forward keeps partial row (and column) statistics, at most about ``workspace_limit_bytes``; the
 backward's workspace is the driver's (one chunk of weights, see chunked_backward).
 
+The log-sum-exp takes the ``LABEL_MASK`` feature (``label_mask=base.LabelMask(...)``): the labels
+go to the kernels as int64 (int32 labels are widened, so one label type is compiled), compared per
+tile next to the diagonal mask.
+
 Timing the pieces (what a benchmark calls, inputs as for the primitives):
 
     kernels = CudaKernels()
@@ -18,18 +22,20 @@ Timing the pieces (what a benchmark calls, inputs as for the primitives):
     write(out, 0, rows, row_scale, col_scale)                           # weights kernel, one chunk
 
 with ``out`` a (rows, M) view of a buffer in the input dtype (unit column stride) and
-``row_scale`` (rows,), ``col_scale`` (M,) fp32 (e.g. from ``chunked_backward.weight_scales``).
+``row_scale`` (rows,), ``col_scale`` (M,) fp32 (e.g. from ``chunked_backward.weight_scales``);
+both take ``label_mask=`` too.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fused_losses.backends import chunked_backward
+from fused_losses.backends.base import LabelMask
 from fused_losses.backends.cuda import SUPPORTED_DTYPES, _extension
 
 _DTYPES = {dtype: str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES}
@@ -71,8 +77,9 @@ class CudaKernels:
 
     # -- the primitives (see fused_losses.backends.base) ----------------------------------------
 
-    def lse_forward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, want_rows, want_cols):
-        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+    def lse_forward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, want_rows, want_cols,
+                    label_mask: Optional[LabelMask] = None):
+        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
         if not (want_rows or want_cols):
             return None, None
         lse_row = _empty(q.shape[0], q.device) if want_rows else None
@@ -83,8 +90,9 @@ class CudaKernels:
         call.run(call.ext.lse_forward, bytes_needed, lse_row=_address(lse_row), lse_col=_address(lse_col))
         return lse_row, lse_col
 
-    def lse_backward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col):
-        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
+    def lse_backward(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row, grad_col,
+                     label_mask: Optional[LabelMask] = None):
+        call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask)
         if call.empty or (grad_row is None and grad_col is None):
             return _empty(q.shape, q.device).zero_(), _empty(k.shape, q.device).zero_()
         write = _lse_writer(call, lse_row, lse_col, grad_row, grad_col)
@@ -94,11 +102,12 @@ class CudaKernels:
         return u, v
 
     def lse_weights_writer(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, lse_row, lse_col, grad_row,
-                           grad_col) -> chunked_backward.WeightsWriter:
+                           grad_col, label_mask: Optional[LabelMask] = None) -> chunked_backward.WeightsWriter:
         """The weights writer of lse_backward (chunked_backward's contract) for N, M > 0: writes
-        W_ij = grad_row_i exp(S_ij - lse_row_i) + grad_col_j exp(S_ij - lse_col_j), scaled."""
-        return _lse_writer(_Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset), lse_row, lse_col, grad_row,
-                           grad_col)
+        W_ij = grad_row_i exp(S_ij - lse_row_i) + grad_col_j exp(S_ij - lse_col_j), scaled (0 where
+        masked)."""
+        return _lse_writer(_Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset, label_mask), lse_row,
+                           lse_col, grad_row, grad_col)
 
     def softplus_forward(self, q, k, inv_norm_q, inv_norm_k, scale, bias, diag_offset):
         call = _Call(self, q, k, inv_norm_q, inv_norm_k, scale, diag_offset)
@@ -204,6 +213,21 @@ def _stat_vector(x: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
 
 
+def _kernel_labels(label_mask: LabelMask, n: int, m: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The label mask's (row_labels (n,), col_labels (m,)) as the kernels read them: contiguous
+    int64 on ``device`` (int32 labels widened: the kernels compile one label type)."""
+    labels = []
+    for name, x, size in (("row_labels", label_mask.row_labels, n), ("col_labels", label_mask.col_labels, m)):
+        if not isinstance(x, Tensor) or x.dtype not in (torch.int32, torch.int64):
+            kind = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"label_mask.{name} must be an int32 or int64 tensor, got {kind}")
+        if x.shape != (size,) or x.device != device:
+            raise ValueError(f"label_mask.{name} must have shape ({size},) on {device}, got shape "
+                             f"{tuple(x.shape)} on {x.device}")
+        labels.append(x.to(torch.int64).contiguous())
+    return labels[0], labels[1]
+
+
 def _stat_scalar(x: Tensor, device: torch.device) -> Tensor:
     x = torch.as_tensor(x, device=device)
     if x.numel() != 1:
@@ -215,10 +239,12 @@ class _Call:
     """One primitive call: validated operands, the extension's problem and launch descriptions,
     and the tensors they point into (kept alive for the launch)."""
 
-    def __init__(self, kernels: CudaKernels, q, k, inv_norm_q, inv_norm_k, scale, diag_offset):
+    def __init__(self, kernels: CudaKernels, q, k, inv_norm_q, inv_norm_k, scale, diag_offset,
+                 label_mask: Optional[LabelMask] = None):
         _check_operands(q, k)
         self.device = q.device
         (n, d), m = q.shape, k.shape[0]
+        self.labels = None if label_mask is None else _kernel_labels(label_mask, n, m, self.device)
         self.empty = n == 0 or m == 0
         if self.empty:
             return
@@ -230,12 +256,16 @@ class _Call:
         self.scale = _stat_scalar(scale, self.device)
         if self.inv_norm_q.shape != (n,) or self.inv_norm_k.shape != (m,):
             raise ValueError("inv_norm_q and inv_norm_k must have shapes (N,) and (M,)")
+        labels = {} if self.labels is None else dict(
+            row_labels=self.labels[0].data_ptr(), col_labels=self.labels[1].data_ptr(),
+            exclude_same_label=bool(label_mask.exclude_same))
         self.problem = self.ext.SimilarityProblem(
             dtype=getattr(self.ext.DType, _DTYPES[q.dtype]),
             q=self.q.data_ptr(), q_row_stride=_row_stride(self.q),
             k=self.k.data_ptr(), k_row_stride=_row_stride(self.k),
             n=n, m=m, d=d, inv_norm_q=self.inv_norm_q.data_ptr(), inv_norm_k=self.inv_norm_k.data_ptr(),
             scale=self.scale.data_ptr(), has_mask=diag_offset is not None, diag_offset=int(diag_offset or 0),
+            **labels,
         )
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.launch = self.ext.Launch(
