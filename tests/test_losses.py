@@ -32,7 +32,11 @@ class LossCase:
 
 
 def _embeddings(rows, d, g):
-    return torch.randn(rows, d, generator=g, dtype=torch.float64)
+    """Rows of norm ~3: with normalize=False the logits stay in a trained model's range. Raw randn
+    rows (norm sqrt(D)) saturate the softmax at D = 64 and up: the loss is then flat, its gradient
+    ~1e-30, and any finite precision returns the rounding of two cancelling terms instead (seen on
+    every backend, CPU and H200: SupCon's temperature gradient at N = 3 in ~10% of draws)."""
+    return torch.randn(rows, d, generator=g, dtype=torch.float64) * (3.0 / max(d, 1) ** 0.5)
 
 
 def _scalar(value):
@@ -125,7 +129,7 @@ def _branch_rounding(inputs: dict, name: str, weights: torch.Tensor, options: di
     x = inputs[name].detach()
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16) or x.numel() == 0:
         return 0.0
-    logit_scale = abs(float(inputs["scale"] if "scale" in inputs else 1 / inputs["t"]))
+    logit_scale = abs(float(inputs["scale"].detach() if "scale" in inputs else 1 / inputs["t"].detach()))
     size = 1 / x.float().norm(dim=1).min().item() if options.get("normalize", True) else x.abs().max().item()
     return torch.finfo(x.dtype).eps * logit_scale * size * weights.abs().max().item()
 
