@@ -20,9 +20,17 @@ out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
+install_wheels() {  # peers and test dependencies carried as wheels in .whl/ (the machine has no network)
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/peers"
+  fi
+}
+
 case "${1:-}" in
   quick)  # the first GPU pass in one call; every step runs, each within its share of the budget
     set +e +o pipefail
+    install_wheels  # tests/gpu/test_losses_gpu.py needs pytorch-metric-learning (benchmarks/README.md)
     start=$(date +%s)
     stop_at=$((start + ${QUICK_BUDGET_S:-330}))
     left() { echo $((stop_at - $(date +%s))); }
@@ -76,6 +84,7 @@ case "${1:-}" in
   checks)  # every step runs; the exit status says whether all passed
     log="$out/gpu_checks.log"
     status=0
+    install_wheels
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$log"
     MAX_JOBS=16 FUSED_LOSSES_CUDA_ARCHS="$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')" \
       python3 -m fused_losses.backends.cuda.build 2>&1 | tee -a "$log" || status=1
@@ -89,10 +98,7 @@ case "${1:-}" in
     ;;
   sweep)
     preset="${2:?name a preset, e.g. gpu-bf16-clip}"
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl
-      export PYTHONPATH="$PYTHONPATH:/tmp/peers"
-    fi
+    install_wheels
     python3 -m benchmarks.run --preset "$preset" --out-dir "$out"
     ;;
   kernels)  # builds the CUDA extension first (~1 min) so that its pieces are timed too (skipped if it fails)
