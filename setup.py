@@ -34,9 +34,13 @@ class BuildCudaExtension(build_ext):
     """Builds the CUDA extension with fused_losses/backends/cuda/build.py (nvcc + ninja)."""
 
     def build_extension(self, ext):
+        # An editable install builds in the checkout: keep the objects where the in-place build
+        # does, so that compile_check reads them and a later in-place build has nothing to redo.
+        in_checkout = self.inplace or getattr(self, "editable_mode", False)
+        build_dir = cuda_build.BUILD_DIR if in_checkout else os.path.join(os.path.abspath(self.build_temp),
+                                                                         "fused_losses_cuda")
         try:
-            cuda_build.build(self.get_ext_fullpath(ext.name),
-                             build_dir=os.path.join(os.path.abspath(self.build_temp), "fused_losses_cuda"))
+            cuda_build.build(self.get_ext_fullpath(ext.name), build_dir=build_dir)
         except cuda_build.BuildError as error:
             sys.exit(f"error: {error}")
 
