@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-concepts", type=int, default=1024,
                         help="held-out concepts to retrieve among")
     parser.add_argument("--plot", type=pathlib.Path,
-                        default=pathlib.Path("sentence_transformers_loss_curves.png"),
+                        default=pathlib.Path(__file__).parent / "sentence_transformers_loss_curves.png",
                         help="where to save the loss curves (needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -161,7 +161,7 @@ def plot(curves, path: pathlib.Path) -> None:
                   linestyle="--" if name == "fused" else "-")
     axes.set_xlabel("step")
     axes.set_ylabel("training loss")
-    axes.set_title("CachedMultipleNegativesRankingLoss: sentence-transformers vs fused")
+    axes.set_title("CachedMultipleNegativesRankingLoss\nsentence-transformers (theirs) vs fused_losses (fused)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)
