@@ -16,6 +16,10 @@ def _gpu_backends():
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+# Known: at (3, 5, 64), SupCon with normalize=False has a nearly flat loss in ~0.5 % of draws (two
+# anchors, one dominant positive), and its fp32 temperature gradient then cancels to ~1e-4, the
+# rounding of its ~300-sized terms: that draw fails on every backend (measured with the torch
+# backend on the CPU, benchmarks/results/2026-11-30-h200/README.md).
 @pytest.mark.parametrize("n,m,d", [(1000, 1000, 256), (257, 4099, 1000), (3, 5, 64)])
 def test_loss_on_gpu_matches_reference(backend, case, dtype, n, m, d):
     if backend not in _gpu_backends():
