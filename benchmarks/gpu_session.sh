@@ -20,6 +20,11 @@ out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
+build_for_this_gpu() {  # the CUDA extension for the GPU's own arch only
+  MAX_JOBS=16 FUSED_LOSSES_CUDA_ARCHS="$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')" \
+    python3 -m fused_losses.backends.cuda.build
+}
+
 install_wheels() {  # peers and test dependencies carried as wheels in .whl/ (the machine has no network)
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl
@@ -40,8 +45,7 @@ case "${1:-}" in
       python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))'
       nvcc --version | tail -2
       echo "== build $(date +%T)"
-      MAX_JOBS=16 FUSED_LOSSES_CUDA_ARCHS="$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')" \
-        timeout 150 python3 -m fused_losses.backends.cuda.build 2>&1 | tail -40
+      timeout 150 bash -c "$(declare -f build_for_this_gpu); build_for_this_gpu" 2>&1 | tail -40
       echo "build exit ${PIPESTATUS[0]}"
       echo "== self-check $(date +%T)"
       timeout 90 python3 -m fused_losses --no-bench 2>&1 | tr '\r' '\n' | grep -v '^self-check \['
@@ -86,8 +90,7 @@ case "${1:-}" in
     status=0
     install_wheels
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$log"
-    MAX_JOBS=16 FUSED_LOSSES_CUDA_ARCHS="$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')" \
-      python3 -m fused_losses.backends.cuda.build 2>&1 | tee -a "$log" || status=1
+    build_for_this_gpu 2>&1 | tee -a "$log" || status=1
     python3 -m fused_losses --no-bench 2>&1 | tee -a "$log" || status=1
     python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee -a "$log" || status=1
     for tool in memcheck racecheck synccheck; do  # the CUDA kernels on small ragged inputs
@@ -103,8 +106,7 @@ case "${1:-}" in
     ;;
   kernels)  # builds the CUDA extension first (~1 min) so that its pieces are timed too (skipped if it fails)
     log="$out/kernels.log"
-    MAX_JOBS=16 FUSED_LOSSES_CUDA_ARCHS="$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')" \
-      python3 -m fused_losses.backends.cuda.build 2>&1 | tail -3 | tee "$log" || true
+    build_for_this_gpu 2>&1 | tail -3 | tee "$log" || true
     shift
     sizes=("$@")
     [ ${#sizes[@]} -gt 0 ] || sizes=(65536x512 65536x1024)

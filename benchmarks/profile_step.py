@@ -16,14 +16,8 @@ from typing import Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_losses.benchmarking import DTYPES, LOSSES, MODES, Case, make_step
+from fused_losses.benchmarking import DTYPES, LOSSES, MODES, Case, make_step, synchronize
 from fused_losses.cli import positive_int
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def profile_step(case: Case, mode: str, steps: int, rows: int) -> str:
     """Tables of the kernels (GPU) and operators (host) over ``steps`` steps after one warm-up."""
@@ -33,17 +27,17 @@ def profile_step(case: Case, mode: str, steps: int, rows: int) -> str:
         if prepare:
             prepare()
         run()
-    _synchronize(device)
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     wall_ms = 0.0
     with profile(activities=activities) as prof:
         for _ in range(steps):
             if prepare:
                 prepare()
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             run()
-            _synchronize(device)
+            synchronize(device)
             wall_ms += (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
     lines = [f"{case.loss} {case.provider} N={case.n} M={case.m} D={case.d} {case.dtype} {mode}: "

@@ -177,7 +177,8 @@ def make_step(case: Case, mode: str) -> Tuple[Optional[Callable[[], None]], Call
             lambda: torch.autograd.grad(pending_losses.pop(), differentiable))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -192,7 +193,7 @@ def time_ms(run: Callable[[], object], device: torch.device, *, warmup: int = 1,
         if prepare:
             prepare()
         run()
-    _synchronize(device)
+    synchronize(device)
     times: List[float] = []
     while len(times) < repeats or (sum(times) < budget_ms and len(times) < MAX_REPEATS):
         if prepare:
@@ -294,11 +295,11 @@ def _gpu_peaks(case: Case, modes: Sequence[str]) -> Dict[str, object]:
     device = torch.device(case.device)
 
     def measure(prepare, run) -> int:
-        _synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
         run()
-        _synchronize(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - baseline
 
     return _peaks(case, modes, measure, release=torch.cuda.empty_cache)
@@ -543,7 +544,7 @@ def completes(case: Case) -> bool:
     try:
         _, run = make_step(case, "forward_backward")
         run()
-        _synchronize(device)
+        synchronize(device)
         return True
     except Exception as error:
         if not is_out_of_memory(error):
